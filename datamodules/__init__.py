@@ -1,0 +1,1 @@
+"""LightningDataModules, one per data family, reading the field's real formats."""
