@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import Callback
@@ -23,7 +25,7 @@ class RNGStateCheckpoint(Callback):
         self._pending: dict[int, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        states = _collect_rng_states(include_cuda=True)
+        states = _to_safe(_collect_rng_states(include_cuda=True))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)
@@ -42,5 +44,22 @@ class RNGStateCheckpoint(Callback):
                 f"the checkpoint holds RNG states for ranks {sorted(self._pending)} but this is rank "
                 f"{trainer.global_rank}: resume with the same number of processes for an exact resume"
             )
-        _set_rng_states(states)
+        _set_rng_states(_from_safe(states))
         self._pending = None
+
+
+def _to_safe(states: dict[str, Any]) -> dict[str, Any]:
+    """Make the numpy state loadable with ``torch.load(weights_only=True)`` (tensors and primitives only)."""
+    out = dict(states)
+    if "numpy" in out:
+        name, keys, pos, has_gauss, gauss = out["numpy"]
+        out["numpy"] = (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss))
+    return out
+
+
+def _from_safe(states: dict[str, Any]) -> dict[str, Any]:
+    out = dict(states)
+    if "numpy" in out:
+        name, keys, pos, has_gauss, gauss = out["numpy"]
+        out["numpy"] = (name, np.asarray(keys.numpy(), dtype=np.uint32), pos, has_gauss, gauss)
+    return out
