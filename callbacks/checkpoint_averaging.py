@@ -64,7 +64,7 @@ class CheckpointAveraging(Callback):
         load_into_model: load the averaged weights into the model, so a following ``trainer.test`` uses them.
         sort_by: ``step`` (the stored ``global_step``) or ``mtime`` to order checkpoints.
 
-    Files named ``last*.ckpt`` and ``output_name`` are ignored (duplicates of step checkpoints). The output keeps the
+    ``output_name`` is ignored, and ``last*.ckpt`` counts only for a step no other checkpoint holds. The output keeps the
     newest checkpoint's metadata (hyper-parameters, loops, optimizer state) with the averaged ``state_dict``.
 
     Raises:
@@ -98,9 +98,9 @@ class CheckpointAveraging(Callback):
 
     def select(self, directory: Path) -> list[tuple[Path, dict[str, Any]]]:
         """The newest ``last_n`` checkpoints in ``directory``, oldest first, loaded on the CPU."""
-        files = [
-            p for p in directory.glob("*.ckpt") if not p.name.startswith("last") and p.name != self.output_name
-        ]
+        # last*.ckpt takes part only when no step checkpoint holds the same step (e.g. max_steps is not a multiple
+        # of every_n_train_steps): the dedup below keeps the step file over a last.ckpt of the same step.
+        files = [p for p in directory.glob("*.ckpt") if p.name != self.output_name]
         if not files:
             raise RuntimeError(f"CheckpointAveraging: no checkpoints to average in {directory}")
         loaded = [(p, torch.load(p, map_location="cpu", weights_only=False)) for p in files]
@@ -111,7 +111,11 @@ class CheckpointAveraging(Callback):
         # Several files of the same step (e.g. an epoch-end and a step checkpoint) count once.
         unique: dict[int, tuple[Path, dict[str, Any]]] = {}
         for path, ckpt in loaded:
-            unique[ckpt.get("global_step", len(unique))] = (path, ckpt)
+            step = ckpt.get("global_step", -1 - len(unique))
+            if step not in unique or unique[step][0].name.startswith("last"):
+                unique[step] = (path, ckpt)
+        if self.sort_by == "step":
+            unique = dict(sorted(unique.items()))
         chosen = list(unique.values())[-self.last_n :]
         if len(chosen) < self.last_n:
             warnings.warn(

@@ -118,21 +118,28 @@ class LitlabCLI(LightningCLI):
         if ckpt_path not in ("best", "hpc", "registry") and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
 
-    def before_fit(self) -> None:
-        self._check_ckpt_path("fit")
+    def _add_default_callbacks(self) -> None:
+        # Present for every subcommand, so checkpoints written by fit restore without "missing callback" warnings.
         if not any(isinstance(c, RNGStateCheckpoint) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(RNGStateCheckpoint())
         if self.trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
 
+    def before_fit(self) -> None:
+        self._check_ckpt_path("fit")
+        self._add_default_callbacks()
+
     def before_validate(self) -> None:
         self._check_ckpt_path("validate")
+        self._add_default_callbacks()
 
     def before_test(self) -> None:
         self._check_ckpt_path("test")
+        self._add_default_callbacks()
 
     def before_predict(self) -> None:
         self._check_ckpt_path("predict")
+        self._add_default_callbacks()
 
     def after_fit(self) -> None:
         if not self.config["fit"].get("test_after_fit"):

@@ -202,8 +202,11 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
         loss, nll = label_smoothed_nll_loss(
             logits, batch["target"], self.hparams.label_smoothing, ignore_index=self.hparams.pad_id
         )
-        ntokens = int(batch["target"].ne(self.hparams.pad_id).sum())
-        return loss, nll, ntokens
+        # The collate function counts tokens on the host; counting here would sync the GPU every step.
+        ntokens = batch.get("ntokens")
+        if ntokens is None:
+            ntokens = batch["target"].ne(self.hparams.pad_id).sum()
+        return loss, nll, int(ntokens)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Returns the *summed* loss; gradients are divided by the update's token count in ``on_before_optimizer_step``."""
@@ -221,8 +224,13 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
         self._last_step_time = now
         self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch["target"].size(0))
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=batch["target"].size(0))
-        self.log_dict(encoder.pc_stats(), on_step=True, on_epoch=False, batch_size=batch["target"].size(0))
+        if self._trainer is None or self.trainer._logger_connector.should_update_logs:
+            # pc_stats reads parameters back to the host: only on logging steps.
+            self.log_dict(encoder.pc_stats(), on_step=True, on_epoch=False, batch_size=batch["target"].size(0))
         return loss
+
+    def on_validation_start(self) -> None:
+        self._last_step_time = None  # tokens/s measures training steps, not the validation in between
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Normalise gradients by the number of target tokens of the whole update (fairseq's ``sample_size``).
@@ -236,9 +244,9 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
             ntokens = self.trainer.strategy.reduce(ntokens, reduce_op="sum")
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         scale = accumulate * world / ntokens.clamp(min=1.0)
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         self._update_ntokens = 0
 
     # ------------------------------------------------------------------ evaluation

@@ -79,6 +79,19 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -
     assert "class_path: datamodules.translation.TranslationDataModule" in printed
 
 
+def test_print_config_is_complete_and_rerunnable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The printed YAML parses again on its own and prints the same config (every default filled in)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/pcformer/demo_bible_en_de.yaml"), "--print_config"])
+    first = capsys.readouterr().out
+    assert "ema_alpha: 0.5" in first and "label_smoothing: 0.1" in first and "max_tokens: 2048" in first
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(printed), "--print_config"])
+    assert capsys.readouterr().out == first
+
+
 @pytest.mark.parametrize("config", DEMO_CONFIGS, ids=lambda p: p.stem)
 def test_demo_config_fits_validates_and_tests(config: Path, bible: dict[str, Path], tmp_path: Path) -> None:
     cli = main(["fit", *tiny_args(config, bible, tmp_path)])
@@ -165,15 +178,62 @@ def test_transformer_arch_requires_order_one(bible: dict[str, Path], tmp_path: P
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(bible: dict[str, Path], tmp_path: Path) -> None:
+def test_ddp_on_two_cpu_processes_equals_one_process_with_the_global_batch(bible: dict[str, Path], tmp_path: Path) -> None:
+    """2 gloo processes x 1 batch == 1 process x 2 accumulated batches (same batches, dropout off): same weights."""
     config = ROOT / "configs/pcformer/demo_bible_en_de.yaml"
-    main(["fit", *tiny_args(config, bible, tmp_path / "warm", "--test_after_fit", "false", steps=1)])  # build data once
-    args = tiny_args(config, bible, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                     "--trainer.accelerator", "cpu", "--test_after_fit", "true")
+    no_dropout = ("--model.init_args.dropout", "0", "--model.init_args.attention_dropout", "0",
+                  "--model.init_args.activation_dropout", "0")
+    main(["fit", *tiny_args(config, bible, tmp_path / "single", *no_dropout, "--test_after_fit", "false",
+                            "--trainer.accumulate_grad_batches", "2")])
+    args = tiny_args(config, bible, tmp_path / "ddp", *no_dropout, "--trainer.devices", "2",
+                     "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--test_after_fit", "true")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_metrics(tmp_path)
+    rows = read_metrics(tmp_path / "ddp")
     assert metric(rows, "val/sacrebleu") >= 0.0 and metric(rows, "test/sacrebleu") >= 0.0
-    assert len((tmp_path / "logs").glob("version_*/hypotheses.test.txt").__next__().read_text().splitlines()) == 12
+    hyps = next((tmp_path / "ddp" / "logs").glob("version_*/hypotheses.test.txt"))
+    assert len(hyps.read_text().splitlines()) == 12  # gathered over both ranks, each sentence once
+    single = torch.load(tmp_path / "single/checkpoints/last.ckpt", weights_only=False)
+    ddp = torch.load(tmp_path / "ddp/checkpoints/last.ckpt", weights_only=False)
+    assert single["global_step"] == ddp["global_step"] == 2
+    for k, v in single["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("name", ["wmt14_en_de_base", "wmt14_en_de_big"])
+def test_wmt_configs_run_on_raw_data_given_by_path(name: str, bible: dict[str, Path], tmp_path: Path) -> None:
+    """The paper-scale configs read the WMT raw layout ({train,newstest2013,newstest2014}.{en,de}) by path; shrunk
+    to a tiny model on CPU, they run two steps with their own architecture options (DLCL, order 4, relative attention)."""
+    main(["fit", *tiny_args(ROOT / "configs/pcformer/demo_bible_en_de.yaml", bible, tmp_path / "warm", steps=1,
+                            *("--test_after_fit", "false"))])  # make sure the shared Bible files exist
+    wmt = tmp_path / "wmt14_en_de"
+    wmt.mkdir()
+    for split, n in (("train", 64), ("valid", 8), ("test", 8)):
+        target = {"train": "train", "valid": "newstest2013", "test": "newstest2014"}[split]
+        for lang in ("en", "de"):
+            lines = (bible["data_dir"] / f"{split}.{lang}").read_text().splitlines()[:n]
+            (wmt / f"{target}.{lang}").write_text("\n".join(lines) + "\n")
+    inputs = {p: p.read_bytes() for p in wmt.iterdir()}
+    run = tmp_path / "run"
+    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "logs"}}]
+    cli = main([
+        "fit", "--config", str(ROOT / f"configs/pcformer/{name}.yaml"), "--config", str(ROOT / "configs/trainer/cpu.yaml"),
+        "--data.init_args.data_dir", str(wmt), "--data.init_args.vocab_size", "200", "--data.init_args.num_workers", "0",
+        "--data.init_args.max_tokens", "512",
+        "--model.init_args.d_model", "32", "--model.init_args.ffn_dim", "64", "--model.init_args.n_heads", "4",
+        "--model.init_args.encoder_layers", "2", "--model.init_args.decoder_layers", "2",
+        "--model.init_args.max_len_a", "0.5", "--model.init_args.max_len_b", "3",
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.accumulate_grad_batches", "1",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", json.dumps(logger), "--checkpoint.dirpath", str(run / "checkpoints"),
+        "--checkpoint.every_n_train_steps", "1",
+    ])
+    assert cli.trainer.global_step == 2
+    assert cli.model.hparams.decoder_history == "learnable_dense"
+    rows = read_metrics(run)
+    metric(rows, "val/sacrebleu")
+    metric(rows, "test/sacrebleu")
+    for path, content in inputs.items():
+        assert path.read_bytes() == content, f"{path} was modified"

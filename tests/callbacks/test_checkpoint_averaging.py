@@ -46,6 +46,14 @@ def test_average_is_elementwise_mean_with_newest_integer_buffers(tmp_path: Path)
     assert [Path(p).name for p in averaged["averaged_from"]] == [f"step{s:07d}.ckpt" for s in (200, 300, 400)]
 
 
+def test_last_ckpt_counts_when_it_holds_a_newer_step(tmp_path: Path) -> None:
+    """max_steps not a multiple of the checkpoint interval: the final weights (only in last.ckpt) are averaged."""
+    _write(tmp_path, [(100, 1.0), (200, 2.0)])
+    torch.save(_ckpt(250, 6.0), tmp_path / "last.ckpt")
+    _, averaged, n = CheckpointAveraging(last_n=2).average(tmp_path)
+    assert n == 2 and averaged["global_step"] == 250 and averaged["state_dict"]["b"].item() == 4.0
+
+
 def test_fewer_than_last_n_warns_and_averages_what_exists(tmp_path: Path) -> None:
     _write(tmp_path, [(10, 1.0), (20, 3.0)])
     with pytest.warns(UserWarning, match="only 2 checkpoint"):
