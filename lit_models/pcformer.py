@@ -189,7 +189,8 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
             share_all_embeddings=share_all_embeddings,
         )
         self._update_ntokens = 0
-        self._last_step_time: float | None = None
+        self._window_start: float | None = None  # start of the current train/tokens_per_s window
+        self._window_tokens = 0
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor) -> Tensor:
@@ -209,28 +210,33 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
         return loss, nll, int(ntokens)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Returns the *summed* loss; gradients are divided by the update's token count in ``on_before_optimizer_step``."""
+        """Returns the *summed* loss; gradients are divided by the update's token count in ``on_before_optimizer_step``.
+
+        Metrics are logged on Lightning's logging steps only (``log_every_n_steps``): ``train/tokens_per_s`` is the
+        wall-clock average since the previous logging step (validation excluded).
+        """
         loss, nll, ntokens = self._loss_sums(batch)
         encoder = self.model.encoder
         if self.hparams.history_rowsum_penalty > 0:
             loss = loss + self.hparams.history_rowsum_penalty * encoder.rowsum_penalty() * ntokens
         self._update_ntokens += ntokens
-        n = max(ntokens, 1)
-        now = time.perf_counter()
-        metrics = {"train/loss": loss.detach() / n, "train/nll": nll.detach() / n}
-        metrics["train/ppl"] = torch.exp(metrics["train/nll"].clamp(max=50))
-        if self._last_step_time is not None:
-            metrics["train/tokens_per_s"] = torch.tensor(ntokens / max(now - self._last_step_time, 1e-9))
-        self._last_step_time = now
-        self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch["target"].size(0))
-        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, batch_size=batch["target"].size(0))
+        self._window_tokens += ntokens
+        n, bsz = max(ntokens, 1), batch["target"].size(0)
+        self.log("loss", loss.detach() / n, prog_bar=True, logger=False, batch_size=bsz)
         if self._trainer is None or self.trainer._logger_connector.should_update_logs:
+            now = time.perf_counter()
+            metrics = {"train/loss": loss.detach() / n, "train/nll": nll.detach() / n}
+            metrics["train/ppl"] = torch.exp(metrics["train/nll"].clamp(max=50))
+            if self._window_start is not None:
+                metrics["train/tokens_per_s"] = torch.tensor(self._window_tokens / max(now - self._window_start, 1e-9))
+            self._window_start, self._window_tokens = now, 0
+            self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=bsz)
             # pc_stats reads parameters back to the host: only on logging steps.
-            self.log_dict(encoder.pc_stats(), on_step=True, on_epoch=False, batch_size=batch["target"].size(0))
+            self.log_dict(encoder.pc_stats(), on_step=True, on_epoch=False, batch_size=bsz)
         return loss
 
-    def on_validation_start(self) -> None:
-        self._last_step_time = None  # tokens/s measures training steps, not the validation in between
+    def on_validation_end(self) -> None:
+        self._window_start, self._window_tokens = None, 0  # tokens/s measures training, not validation
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Normalise gradients by the number of target tokens of the whole update (fairseq's ``sample_size``).

@@ -76,7 +76,8 @@ class MultiheadAttention(nn.Module):
             query: [B, T, d].
             key: [B, S, d] memory for cross-attention (keys and values), or None for self-attention.
             key_padding_mask: [B, S] bool, True at padded key positions (S counts cached keys too).
-            causal: mask future keys; with a cache, query position i is ``cached_len + i``.
+            causal: mask future keys; with a cache, query position i is ``cached_len + i``. Sequences are
+                right-padded, so a real query never attends to a padded key and no padding mask is needed.
             cache: dict updated in place for incremental decoding. Self-attention appends this step's
                 ``k``/``v`` ([B, H, S, d/H]); with ``static_kv`` the memory's k/v are computed once and reused.
             static_kv: the keys do not change between steps (cross-attention over the encoder output).
@@ -98,6 +99,19 @@ class MultiheadAttention(nn.Module):
         t, s = q.size(2), k.size(2)
         offset = s - t if (cache is not None and not static_kv) else 0
 
+        dropout_p = self.dropout if self.training else 0.0
+        if self.rel_k is None and not (causal and t > 1 and t != s):
+            # Fast path: no additive mask to build. Full-sequence causal self-attention uses is_causal (fused kernels);
+            # padded keys are excluded with a boolean mask (True = attend).
+            if causal and t > 1:
+                if key_padding_mask is not None:
+                    raise ValueError("causal self-attention assumes right padding: pass no key_padding_mask")
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            else:
+                keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+            return self.out_proj(out.transpose(1, 2).reshape(out.size(0), t, self.d_model))
+
         mask: Tensor | None = None
         if self.rel_k is not None:
             qpos = torch.arange(offset, offset + t, device=q.device)
@@ -115,8 +129,6 @@ class MultiheadAttention(nn.Module):
             pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
             pad = pad.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]
             mask = pad if mask is None else mask + pad
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         b = out.size(0)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, self.d_model))
