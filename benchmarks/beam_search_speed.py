@@ -63,25 +63,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from benchmarks._common import ARCHS, demo_sizes, marian_config  # noqa: E402
 from torch import Tensor, nn
 
 BENCH = "beam_search_speed"
-DEMO = {
-    "d_model": 128,
-    "ffn_dim": 256,
-    "n_heads": 4,
-    "encoder_layers": 3,
-    "decoder_layers": 3,
-    "dropout": 0.1,
-    "attention_dropout": 0.1,
-    "activation_dropout": 0.1,
-    "max_positions": 1024,
-    "share_all_embeddings": True,
-}
-ARCHS = {
-    "vanilla": {"arch": "transformer", "order": 1, "corrector": "none"},
-    "pcformer": {"arch": "pcformer", "order": 2, "corrector": "multistep", "coefficients": "ema", "ema_alpha": 0.5},
-}
+DEMO = demo_sizes()
 SPECIALS = {"pad_id": 0, "bos_id": 2, "eos_id": 3}  # the demo SentencePiece model's ids (synthetic source)
 
 
@@ -207,33 +193,10 @@ def marian_dims(module: Any) -> dict[str, Any]:
 
 
 def build_marian(dims: dict[str, Any], info: dict[str, Any], seed: int) -> nn.Module:
-    from transformers import GenerationConfig, MarianConfig, MarianMTModel
+    from transformers import GenerationConfig, MarianMTModel
 
     torch.manual_seed(seed)
-    cfg = MarianConfig(
-        vocab_size=info["vocab_size"],
-        d_model=dims["d_model"],
-        encoder_layers=dims["encoder_layers"],
-        decoder_layers=dims["decoder_layers"],
-        encoder_attention_heads=dims["n_heads"],
-        decoder_attention_heads=dims["n_heads"],
-        encoder_ffn_dim=dims["ffn_dim"],
-        decoder_ffn_dim=dims["ffn_dim"],
-        activation_function="relu",
-        dropout=dims["dropout"],
-        attention_dropout=dims["attention_dropout"],
-        activation_dropout=dims["activation_dropout"],
-        max_position_embeddings=dims["max_positions"],
-        scale_embedding=True,
-        share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True,
-        pad_token_id=info["pad_id"],
-        eos_token_id=info["eos_id"],
-        decoder_start_token_id=info["bos_id"],
-        forced_eos_token_id=info["eos_id"],
-        bos_token_id=info["bos_id"],
-    )
-    cfg._attn_implementation = "sdpa"
+    cfg = marian_config(dims, info)
     model = MarianMTModel(cfg).eval()
     model.generation_config = GenerationConfig(
         pad_token_id=info["pad_id"],

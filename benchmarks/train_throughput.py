@@ -66,28 +66,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from benchmarks._common import ARCHS, demo_sizes, marian_config  # noqa: E402
 from torch import nn
 
 BENCH = "train_throughput"
-#: the demo configs' sizes (configs/pcformer/demo_*.yaml)
-DEMO = {
-    "d_model": 128,
-    "ffn_dim": 256,
-    "n_heads": 4,
-    "encoder_layers": 3,
-    "decoder_layers": 3,
-    "dropout": 0.1,
-    "attention_dropout": 0.1,
-    "activation_dropout": 0.1,
-    "lr": 1e-3,
-    "warmup_steps": 500,
-    "label_smoothing": 0.1,
-    "max_positions": 1024,
-}
-ARCHS = {
-    "vanilla": {"arch": "transformer", "order": 1, "corrector": "none"},
-    "pcformer": {"arch": "pcformer", "order": 2, "corrector": "multistep", "coefficients": "ema", "ema_alpha": 0.5},
-}
+DEMO = demo_sizes()
 GOALS = {("bare_pytorch", "vanilla"): 0.95, ("bare_pytorch", "pcformer"): 0.95, ("hf_marian", "vanilla"): 1.0}
 
 
@@ -197,33 +180,10 @@ def build_ours(arch: str, info: dict[str, Any], seed: int):
 
 
 def build_marian(info: dict[str, Any], seed: int) -> nn.Module:
-    from transformers import MarianConfig, MarianMTModel
+    from transformers import MarianMTModel
 
     torch.manual_seed(seed)
-    cfg = MarianConfig(
-        vocab_size=info["vocab_size"],
-        d_model=DEMO["d_model"],
-        encoder_layers=DEMO["encoder_layers"],
-        decoder_layers=DEMO["decoder_layers"],
-        encoder_attention_heads=DEMO["n_heads"],
-        decoder_attention_heads=DEMO["n_heads"],
-        encoder_ffn_dim=DEMO["ffn_dim"],
-        decoder_ffn_dim=DEMO["ffn_dim"],
-        activation_function="relu",
-        dropout=DEMO["dropout"],
-        attention_dropout=DEMO["attention_dropout"],
-        activation_dropout=DEMO["activation_dropout"],
-        max_position_embeddings=DEMO["max_positions"],
-        scale_embedding=True,
-        share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True,
-        pad_token_id=info["pad_id"],
-        eos_token_id=info["eos_id"],
-        decoder_start_token_id=info["bos_id"],
-        forced_eos_token_id=info["eos_id"],
-        bos_token_id=info["bos_id"],
-    )
-    cfg._attn_implementation = "sdpa"
+    cfg = marian_config(DEMO, info)
     return MarianMTModel(cfg)
 
 

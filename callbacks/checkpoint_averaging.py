@@ -112,7 +112,9 @@ class CheckpointAveraging(Callback):
         unique: dict[int, tuple[Path, dict[str, Any]]] = {}
         for path, ckpt in loaded:
             step = ckpt.get("global_step", -1 - len(unique))
-            if step not in unique or unique[step][0].name.startswith("last"):
+            # Same step twice: a step file beats last*.ckpt; otherwise the newer file (files are in mtime order
+            # within a step) wins, so a rerun's "-v1" checkpoints replace an earlier run's.
+            if step not in unique or unique[step][0].name.startswith("last") or not path.name.startswith("last"):
                 unique[step] = (path, ckpt)
         if self.sort_by == "step":
             unique = dict(sorted(unique.items()))

@@ -674,6 +674,10 @@ class TranslationDataModule(LightningDataModule):
                     raise ValueError("split_files has no 'train' entry")
                 continue
             self._dataset(split)
+        if stage == "fit" and self.trainer is not None:
+            # Once per fit: how much data survived filtering (data/train_pairs, data/skipped_too_long, ...).
+            for logger in self.trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in self.stats.items()}, step=0)
 
     def _dataset(self, split: str) -> TranslationDataset:
         split = self._canonical(split)

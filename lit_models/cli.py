@@ -8,7 +8,11 @@
 - ``fit --test_after_fit true`` runs ``test`` on the final (averaged, if CheckpointAveraging is on) weights and prints
   the test metrics and the checkpoint path.
 - ``--ckpt_path last`` resumes from ``<checkpoint.dirpath>/last.ckpt`` and is an error when there is none (Lightning
-  alone would warn and silently start afresh); a ``ckpt_path`` that does not exist is an error too.
+  alone would warn and silently start afresh); a ``ckpt_path`` that does not exist or cannot be read is an error too.
+  A fresh ``fit`` refuses a checkpoint directory that already holds checkpoints (another run's files would be
+  averaged or resumed); with ``test_after_fit`` the test split is loaded before training, so a missing file fails early.
+- With ``ckpt_path``, Lightning takes the model's hyper-parameters from the checkpoint; a model's
+  ``EVAL_TIME_HPARAMS`` (decoding settings, output files) keep their values from the command line and config.
 - W&B runs offline unless ``WANDB_MODE`` is set (e.g. ``WANDB_MODE=online`` after ``wandb login``).
 """
 
@@ -82,7 +86,10 @@ class LitlabCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as err:  # truncated file, not a checkpoint, unsafe pickle
+            raise ValueError(f"cannot read checkpoint {ckpt_path}: {err}") from err
         hparams = dict(ckpt.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         class_path = hparams.pop("_class_path", None) or self.config[subcommand].model.get("class_path")
@@ -125,8 +132,26 @@ class LitlabCLI(LightningCLI):
         if self.trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
 
+    def _refuse_stale_checkpoints(self) -> None:
+        """A fresh fit must not share its checkpoint directory with an earlier run: CheckpointAveraging and
+        ``--ckpt_path last`` would mix the two runs' files."""
+        ckpt = self.trainer.checkpoint_callback
+        if self.config["fit"].get("ckpt_path") is not None or ckpt is None or ckpt.dirpath is None:
+            return
+        existing = sorted(Path(ckpt.dirpath).glob("*.ckpt"))
+        if existing:
+            raise FileExistsError(
+                f"checkpoint.dirpath {ckpt.dirpath} already holds {len(existing)} checkpoint(s) of an earlier run "
+                f"({existing[0].name}, ...): continue it with --ckpt_path last, or start afresh with another "
+                "--checkpoint.dirpath (or delete that directory)"
+            )
+
     def before_fit(self) -> None:
         self._check_ckpt_path("fit")
+        self._refuse_stale_checkpoints()
+        if self.config["fit"].get("test_after_fit"):
+            # Fail now, not after training, if the test split cannot be read.
+            self.datamodule.setup("test")
         self._add_default_callbacks()
 
     def before_validate(self) -> None:

@@ -236,7 +236,11 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
         return loss
 
     def on_validation_end(self) -> None:
-        self._window_start, self._window_tokens = None, 0  # tokens/s measures training, not validation
+        # tokens/s measures training, not validation: restart the window.
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+
+    def on_train_start(self) -> None:
+        self._window_start, self._window_tokens = time.perf_counter(), 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Normalise gradients by the number of target tokens of the whole update (fairseq's ``sample_size``).

