@@ -13,20 +13,96 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["TokenBatchSampler"]
+__all__ = ["ResumableBatchSampler", "TokenBatchSampler"]
+
 
 class _EpochForwarder:
     """Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` (not on the batch sampler itself) at the
-    start of every epoch; this stand-in forwards that call to the :class:`TokenBatchSampler`."""
+    start of every epoch; this stand-in forwards that call to the batch sampler."""
 
-    def __init__(self, owner: TokenBatchSampler) -> None:
+    def __init__(self, owner: ResumableBatchSampler) -> None:
         self._owner = owner
 
     def set_epoch(self, epoch: int) -> None:
         self._owner.set_epoch(epoch)
 
 
-class TokenBatchSampler(Sampler[list[int]]):
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Base of the project's batch samplers: an epoch-seeded order, DDP sharding, exact mid-epoch resume.
+
+    A subclass defines :meth:`epoch_batches` (every rank's batches of an epoch, a function of ``seed`` and the epoch
+    only) and :meth:`num_batches` (their count, the same every epoch). This class shards them: with ``even_shards``
+    (training) the epoch's batch list wraps around to a multiple of ``num_replicas`` (a few batches are seen twice,
+    as with ``DistributedSampler``) so every rank runs the same number of steps; without it (evaluation) no batch is
+    repeated unless there are fewer batches than ranks. Rank ``r`` takes ``batches[r::num_replicas]``.
+
+    Resume: ``start_batch`` skips that many of this rank's batches in the next iteration only; ``len()`` still reports
+    the full per-rank count, matching the progress counters a restored trainer resumes from. Lightning calls
+    ``set_epoch`` every epoch through the ``sampler`` attribute. Used with
+    :class:`datamodules.resumable.ResumableDataLoader`.
+
+    Raises:
+        ValueError: ``rank`` outside ``[0, num_replicas)`` or a negative ``start_batch``.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        epoch: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        start_batch: int = 0,
+        even_shards: bool = True,
+    ) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.start_batch = int(start_batch)
+        self.even_shards = bool(even_shards)
+        self.sampler = _EpochForwarder(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the next iteration's order."""
+        self.epoch = int(epoch)
+
+    def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """All batches (every rank's) of ``epoch`` (default: the current one), before sharding."""
+        raise NotImplementedError
+
+    def num_batches(self) -> int:
+        """Number of batches of an epoch before sharding (the same every epoch)."""
+        return len(self.epoch_batches())
+
+    def _total(self, n: int) -> int:
+        return math.ceil(n / self.num_replicas) * self.num_replicas if self.even_shards else max(n, self.num_replicas)
+
+    def rank_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """This rank's batches for ``epoch`` in iteration order, ignoring ``start_batch``."""
+        batches = self.epoch_batches(epoch)
+        n = len(batches)
+        if self.num_replicas == 1 or n == 0:
+            return batches
+        padded = [batches[i % n] for i in range(self._total(n))]
+        return padded[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.rank_batches()
+        skip, self.start_batch = self.start_batch, 0  # the resume offset applies to one iteration only
+        yield from batches[skip:]
+
+    def __len__(self) -> int:
+        n = self.num_batches()
+        if self.num_replicas == 1 or n == 0:
+            return n
+        return len(range(self.rank, self._total(n), self.num_replicas))
+
+
+class TokenBatchSampler(ResumableBatchSampler):
     """Length-sorted token-budget batches, shuffled per epoch, sharded across DDP ranks, resumable mid-epoch.
 
     Batches are fixed once: example indices are sorted by (source length, target length), ties by index (stable;
@@ -84,21 +160,11 @@ class TokenBatchSampler(Sampler[list[int]]):
             raise ValueError(f"src_lengths has {src.size} entries but tgt_lengths has {tgt.size}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        super().__init__(seed, epoch, num_replicas, rank, start_batch, even_shards)
         self.max_tokens = int(max_tokens)
         self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.epoch = int(epoch)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.start_batch = int(start_batch)
-        self.even_shards = bool(even_shards)
         self.num_examples = int(src.size)
         self.batches = self._make_batches(src, tgt, self.max_tokens)
-        self.sampler = _EpochForwarder(self)
 
     @staticmethod
     def _make_batches(src: np.ndarray, tgt: np.ndarray, max_tokens: int) -> list[list[int]]:
@@ -122,10 +188,6 @@ class TokenBatchSampler(Sampler[list[int]]):
             batches.append(current)
         return batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds the next iteration's shuffle (``seed + epoch``)."""
-        self.epoch = int(epoch)
-
     def epoch_batches(self, epoch: int | None = None) -> list[list[int]]:
         """All batches (every rank's) in the order of ``epoch`` (default: the current one), before sharding."""
         epoch = self.epoch if epoch is None else int(epoch)
@@ -136,29 +198,5 @@ class TokenBatchSampler(Sampler[list[int]]):
         perm = torch.randperm(len(self.batches), generator=generator).tolist()
         return [list(self.batches[i]) for i in perm]
 
-    def _shard(self, batches: list[list[int]]) -> list[list[int]]:
-        n, replicas = len(batches), self.num_replicas
-        if replicas == 1 or n == 0:
-            return batches
-        if self.even_shards:
-            total = math.ceil(n / replicas) * replicas
-        else:
-            total = max(n, replicas)
-        padded = [batches[i % n] for i in range(total)]
-        return padded[self.rank :: replicas]
-
-    def rank_batches(self, epoch: int | None = None) -> list[list[int]]:
-        """This rank's batches for ``epoch`` in iteration order, ignoring ``start_batch``."""
-        return self._shard(self.epoch_batches(epoch))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.rank_batches()
-        skip, self.start_batch = self.start_batch, 0  # resume offset applies to one iteration only
-        yield from batches[skip:]
-
-    def __len__(self) -> int:
-        n, replicas = len(self.batches), self.num_replicas
-        if replicas == 1 or n == 0:
-            return n
-        total = math.ceil(n / replicas) * replicas if self.even_shards else max(n, replicas)
-        return len(range(self.rank, total, replicas))
+    def num_batches(self) -> int:
+        return len(self.batches)

@@ -28,7 +28,7 @@ import bisect
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from datamodules.batching import _EpochForwarder
+from datamodules.batching import ResumableBatchSampler
 from datamodules.resumable import ResumableDataLoader, trainer_progress
 
 __all__ = [
@@ -421,7 +421,7 @@ def pack_examples(lengths: Sequence[int] | np.ndarray, max_length: int, seed: in
     return rows
 
 
-class InstructionBatchSampler(Sampler[list[int]]):
+class InstructionBatchSampler(ResumableBatchSampler):
     """Batches of example indices for instruction data: length-grouped, random, sorted or sequential; resumable.
 
     Modes (``B`` = ``batch_size``):
@@ -434,7 +434,7 @@ class InstructionBatchSampler(Sampler[list[int]]):
     - ``sequential`` (test/predict): file order.
 
     Every mode yields every index exactly once per epoch (before DDP padding) in ``ceil(N / B)`` batches, so
-    ``len()`` is the same every epoch. Sharding and resume follow :class:`datamodules.batching.TokenBatchSampler`:
+    ``len()`` is the same every epoch. Sharding and resume follow :class:`datamodules.batching.ResumableBatchSampler`:
     with ``even_shards`` the epoch's batch list wraps around to a multiple of ``num_replicas`` and rank ``r`` takes
     ``batches[r::num_replicas]``; ``start_batch`` skips that many of this rank's batches in the next iteration only;
     ``set_epoch`` (also reachable as ``sampler.set_epoch``, where Lightning calls it) changes the shuffle.
@@ -470,24 +470,10 @@ class InstructionBatchSampler(Sampler[list[int]]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mode not in ("length_grouped", "random", "sorted", "sequential"):
             raise ValueError(f"mode must be length_grouped, random, sorted or sequential; got {mode!r}")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        super().__init__(seed, epoch, num_replicas, rank, start_batch, even_shards)
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         self.batch_size = int(batch_size)
         self.mode = mode
-        self.seed = int(seed)
-        self.epoch = int(epoch)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.start_batch = int(start_batch)
-        self.even_shards = bool(even_shards)
-        self.sampler = _EpochForwarder(self)  # type: ignore[arg-type]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds the next iteration's shuffle."""
-        self.epoch = int(epoch)
 
     def _chunks(self, order: np.ndarray) -> list[list[int]]:
         b = self.batch_size
@@ -513,32 +499,8 @@ class InstructionBatchSampler(Sampler[list[int]]):
             batches.extend(self._chunks(chunk))
         return [batches[i] for i in rng.permutation(len(batches)).tolist()]
 
-    def _num_batches(self) -> int:
+    def num_batches(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
-
-    def _shard(self, batches: list[list[int]]) -> list[list[int]]:
-        n, replicas = len(batches), self.num_replicas
-        if replicas == 1 or n == 0:
-            return batches
-        total = math.ceil(n / replicas) * replicas if self.even_shards else max(n, replicas)
-        padded = [batches[i % n] for i in range(total)]
-        return padded[self.rank :: replicas]
-
-    def rank_batches(self, epoch: int | None = None) -> list[list[int]]:
-        """This rank's batches for ``epoch`` in iteration order, ignoring ``start_batch``."""
-        return self._shard(self.epoch_batches(epoch))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.rank_batches()
-        skip, self.start_batch = self.start_batch, 0  # the resume offset applies to one iteration only
-        yield from batches[skip:]
-
-    def __len__(self) -> int:
-        n, replicas = self._num_batches(), self.num_replicas
-        if replicas == 1 or n == 0:
-            return n
-        total = math.ceil(n / replicas) * replicas if self.even_shards else max(n, replicas)
-        return len(range(self.rank, total, replicas))
 
 
 # ====================================================================== data module

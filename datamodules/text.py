@@ -37,7 +37,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,8 +46,9 @@ import torch
 from filelock import FileLock
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.batching import ResumableBatchSampler
 from datamodules.demo.long_text import Document
 from datamodules.resumable import ResumableDataLoader, trainer_progress
 from lit_models.hf import default_cache_dir, load_tokenizer
@@ -224,17 +225,7 @@ class TokenBlockDataset(Dataset):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class _EpochForwarder:
-    """Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``; forward it to the batch sampler."""
-
-    def __init__(self, owner: BlockBatchSampler) -> None:
-        self._owner = owner
-
-    def set_epoch(self, epoch: int) -> None:
-        self._owner.set_epoch(epoch)
-
-
-class BlockBatchSampler(Sampler[list[int]]):
+class BlockBatchSampler(ResumableBatchSampler):
     """Batches of ``batch_size`` row indices, shuffled per epoch, sharded across ranks, resumable mid-epoch.
 
     Order: with ``shuffle`` a permutation of all rows drawn from a ``torch.Generator`` seeded with ``seed + epoch``
@@ -265,24 +256,12 @@ class BlockBatchSampler(Sampler[list[int]]):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_rows < 0 or start_batch < 0:
-            raise ValueError(f"num_rows and start_batch must be >= 0, got {num_rows} and {start_batch}")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas), got rank={rank}, num_replicas={num_replicas}")
+        if num_rows < 0:
+            raise ValueError(f"num_rows must be >= 0, got {num_rows}")
+        super().__init__(seed, epoch, num_replicas, rank, start_batch, even_shards)
         self.num_rows = int(num_rows)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.epoch = int(epoch)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.start_batch = int(start_batch)
-        self.even_shards = bool(even_shards)
-        self.sampler = _EpochForwarder(self)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds the next iteration's shuffle (``seed + epoch``)."""
-        self.epoch = int(epoch)
 
     def _rank_rows(self) -> int:
         n, r = self.num_rows, self.num_replicas
@@ -306,12 +285,7 @@ class BlockBatchSampler(Sampler[list[int]]):
             order = order[self.rank :: self.num_replicas]
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.rank_batches()
-        skip, self.start_batch = self.start_batch, 0  # the resume offset applies to one iteration only
-        yield from batches[skip:]
-
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # rows, not batches, are sharded
         return math.ceil(self._rank_rows() / self.batch_size)
 
 

@@ -31,6 +31,7 @@ failing that, after the last ``The answer is``), else the whole string, whose fi
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from decimal import Decimal
@@ -132,16 +133,22 @@ def extract_last_number(text: str, mode: Mode = "signed", normalize: bool = True
         text = normalize_digits(text)
     if mode == "mathoctopus":
         matches = _MATHOCTOPUS.findall(text.replace(",", ""))
-        return float(matches[-1]) if matches else None
+        return _finite(matches[-1]) if matches else None
     if mode != "signed":
         raise ValueError(f"answer extraction mode must be 'signed' or 'mathoctopus', got {mode!r}")
     markers = list(_MARKER.finditer(text))
     if markers:
         after = _numbers(text[markers[-1].end() :])
         if after:
-            return float(after[0])
+            return _finite(after[0])
     nums = _numbers(text)
-    return float(nums[-1]) if nums else None
+    return _finite(nums[-1]) if nums else None
+
+
+def _finite(number: str) -> float | None:
+    """A degenerate output (hundreds of digits) overflows to inf: no usable answer."""
+    value = float(number)
+    return value if math.isfinite(value) else None
 
 
 def parse_gold(answer: str) -> float:

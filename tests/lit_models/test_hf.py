@@ -83,10 +83,10 @@ def test_tiny_config_overrides_give_exact_parameter_counts() -> None:
     # slam.md check 2: vocab 128, d 32, d_ff 64, 4 layers, 4 heads, 2 KV heads, untied -> 45,344 parameters.
     model = load_causal_lm(
         "llama-tiny",
-        config_overrides=dict(
-            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, tie_word_embeddings=False,
-        ),
+        config_overrides={
+            "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False,
+        },
     )
     assert count_parameters(model) == 45_344
     with pytest.raises(ValueError, match="config_overrides only apply"):

@@ -192,3 +192,11 @@ def test_gsm_symbolic_worked_answers(lang):
     assert wrong["signed"] == {"0059.toml"}
     thousands_dots = {"0032.toml", "0034.toml", "0058.toml", "0070.toml"}
     assert wrong["mathoctopus"] == {"0059.toml"} | (set() if lang == "eng" else thousands_dots)
+
+
+def test_degenerate_digit_runs_are_no_answer() -> None:
+    from lit_models.nn.answer_extract import extract_last_number
+
+    assert extract_last_number("0" * 400 + "1") == 1.0  # leading zeros still parse
+    assert extract_last_number("9" * 400) is None
+    assert extract_last_number("9" * 400, mode="mathoctopus") is None
