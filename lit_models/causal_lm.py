@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lit_models.hf import count_parameters, load_causal_lm, load_tokenizer
-from lit_models.nn.answer_extract import score_math
+from lit_models.nn.answer_extract import parse_gold, score_math
 from lit_models.nn.mt_metrics import corpus_bleu, corpus_chrf
 from lit_models.token_loss import TokenSumLoss
 
@@ -283,6 +283,14 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
         self._eval_outputs = []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.hparams.eval_task == "math":  # fail on the first batch, not after generating for every item
+            for meta in batch["meta"]:
+                try:
+                    parse_gold(str(meta["answer"]))
+                except (KeyError, ValueError) as err:
+                    raise ValueError(
+                        f"test record {meta.get('id')!r}: eval_task=math needs a numeric 'answer' field ({err})"
+                    ) from None
         self._eval_outputs.extend(self._generate_records(batch))
 
     def on_predict_epoch_start(self) -> None:

@@ -137,3 +137,20 @@ def test_bad_jsonl_line_is_an_error_naming_file_and_line(data_dir: Path, tmp_pat
             ["fit", *tiny_args(config, data_dir, tmp_path, "--data.init_args.demo", "none",
                                "--data.init_args.train_files", json.dumps([str(train)]), "--test_after_fit", "false")]
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("trainer_config", "mode"), [("gpu", "full"), ("gpu", "lora"), ("gpu", "qlora"), ("fsdp_llm", "full"), ("fsdp_llm", "lora")]
+)
+def test_fits_on_cuda(trainer_config: str, mode: str, data_dir: Path, tmp_path: Path) -> None:
+    """bf16-mixed on one GPU (full, LoRA, QLoRA with bitsandbytes' CUDA kernels) and FSDP with decoder-layer
+    auto-wrap and activation checkpointing (skipped without CUDA)."""
+    config = ROOT / "configs/causal_lm/sft_smollm2_math.yaml"
+    extra = ("--config", str(ROOT / f"configs/trainer/{trainer_config}.yaml"), "--trainer.devices", "1",
+             "--model.init_args.mode", mode, "--test_after_fit", "false")
+    cli = main(["fit", *tiny_args(config, data_dir, tmp_path, *extra)])
+    assert cli.trainer.global_step == 2
+    assert metric(read_metrics(tmp_path), "val/loss") > 0.0
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert all(("lora_" in k) == (mode != "full") for k in ckpt["state_dict"])

@@ -23,8 +23,8 @@ after ``####`` up to the end of its line is the gold string ``N``, anything afte
 file carries a leftover ``#answer: ...`` template comment there), ``<<...>>`` annotations are deleted, and the
 ``#### N`` line is put on its own line (three translations of problem 0017 have it inline).
 
-Known faults of the package's fixed fields (0.5.5), listed per record in the manifest's ``issues`` and kept by default
-(``exclude_flagged=True`` drops them): 14 records still contain unrendered template placeholders such as
+Known faults of the package's fixed fields (0.5.5), listed per record in the manifest's ``issues`` and dropped by
+default (``exclude_flagged=False`` keeps them; their golds cannot be scored): 14 records still contain unrendered template placeholders such as
 ``{w*r+x-w*n}`` (8 of them Spanish, 6 with such a gold string) and 5 have a fraction as gold (``-57/2``, ``299/5``)
 where the localised numbers no longer give an integer.
 """
@@ -378,7 +378,7 @@ def build_mgsm_sft(
     languages: Sequence[str] = ALL_LANGUAGES,
     n_val: int = 10,
     n_test: int = 20,
-    exclude_flagged: bool = False,
+    exclude_flagged: bool = True,
     verbose: bool = True,
 ) -> dict[str, Path]:
     """Build (or reuse) the multilingual math SFT splits as JSONL in ``out_dir`` (record layout: module docstring).
@@ -389,7 +389,8 @@ def build_mgsm_sft(
         n_val: number of problems (each in every language) for validation: the ``n_val`` before the test problems.
         n_test: number of problems for test: the last ``n_test`` by problem number.
         exclude_flagged: drop the records with a known fault of the package (unrendered placeholders, fraction
-            golds; listed in the manifest's ``issues`` either way), counted and printed.
+            golds; listed in the manifest's ``issues`` either way), counted and printed. On by default: such a gold
+            cannot be scored, and a placeholder question has no answer.
         verbose: print the counts.
 
     Returns:

@@ -257,14 +257,14 @@ def test_length_grouped_batches_cover_epoch_and_pad_less(data_root: Path) -> Non
     dm = InstructionDataModule(data_dir=str(data_root), max_length=4096, batch_size=8, **MGSM_KW)
     dm.setup("fit")
     lengths = dm.dataset("train").lengths
-    assert len(lengths) == 770
+    assert len(lengths) == 770 - 14  # 70 problems x 11 languages less the flagged package faults
 
     def padding(mode: str, epoch: int) -> tuple[int, list[list[int]]]:
         sampler = InstructionBatchSampler(lengths, 8, mode=mode, seed=3, epoch=epoch)
         batches = list(sampler)
-        assert len(batches) == len(sampler) == 97
+        assert len(batches) == len(sampler) == 95  # ceil(756 / 8)
         flat = sorted(i for b in batches for i in b)
-        assert flat == list(range(770))  # every example exactly once per epoch
+        assert flat == list(range(756))  # every example exactly once per epoch
         return sum(len(b) * int(lengths[b].max()) - int(lengths[b].sum()) for b in batches), batches
 
     grouped0, batches0 = padding("length_grouped", 0)
@@ -314,10 +314,11 @@ def test_packed_rows_match_separate_runs_in_llama_tiny(data_root: Path) -> None:
     model = load_causal_lm("llama-tiny")
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    checked = 0
+    checked, most_in_a_row = 0, 0
     for row in range(batch["input_ids"].shape[0]):
         pos = batch["position_ids"][row].tolist()
         starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        most_in_a_row = max(most_in_a_row, len(starts) - 1)
         for a, b in itertools.pairwise(starts):
             if (batch["labels"][row, a:b] == IGNORE_INDEX).all():
                 continue  # row padding
@@ -326,7 +327,7 @@ def test_packed_rows_match_separate_runs_in_llama_tiny(data_root: Path) -> None:
                 alone = model(input_ids=batch["input_ids"][row : row + 1, a:b]).logits[0]
             torch.testing.assert_close(packed[row, a:b], alone, atol=2e-5, rtol=1e-4)
             checked += 1
-    assert checked >= 3
+    assert checked >= 2 and most_in_a_row >= 2  # at least one row holds several examples
 
 
 # ----------------------------------------------------------------------------------------------- generation

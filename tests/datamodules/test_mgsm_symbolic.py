@@ -41,7 +41,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, lis
 
 def test_counts_and_problem_level_split(built: tuple[Path, dict[str, list[dict]]]) -> None:
     _, records = built
-    assert {s: len(r) for s, r in records.items()} == {"train": 770, "validation": 110, "test": 220}
+    # 70 / 10 / 20 problems x 11 languages, less the records with a known package fault (dropped by default)
+    assert {s: len(r) for s, r in records.items()} == {"train": 770 - 14, "validation": 110 - 3, "test": 220 - 2}
+    assert not {r["id"] for recs in records.values() for r in recs} & FLAGGED
     problems = {s: {r["problem_id"] for r in recs} for s, recs in records.items()}
     assert problems["train"] == {f"{i:04d}" for i in range(70)}
     assert problems["validation"] == {f"{i:04d}" for i in range(70, 80)}
@@ -53,7 +55,7 @@ def test_counts_and_problem_level_split(built: tuple[Path, dict[str, list[dict]]
         assert len({r["id"] for r in recs}) == len(recs)
         assert {r["lang"] for r in recs} == set(ALL_LANGUAGES)
         assert all(r["id"] == f"{r['problem_id']}-{r['lang']}" for r in recs)
-        assert len(recs) == 11 * len(problems[split])
+        assert len(recs) == 11 * len(problems[split]) - len({f"{p}-{lang}" for p in problems[split] for lang in ALL_LANGUAGES} & FLAGGED)
     assert [r["lang"] for r in records["test"][:11]] == list(ALL_LANGUAGES)  # problem-major, MGSM language order
 
 
@@ -107,7 +109,9 @@ def test_non_parallel_package_fails_clearly(tmp_path: Path) -> None:
 def test_subset_idempotent_and_refuses_other_args(tmp_path: Path) -> None:
     out = tmp_path / "mgsm"
     paths = build_mgsm_sft(out, languages=["en", "de"], n_val=5, n_test=10, verbose=False)
-    assert [len(p.read_text().splitlines()) for p in paths.values()] == [170, 10, 20]
+    assert [len(p.read_text().splitlines()) for p in paths.values()] == [170 - 1, 10, 20]  # 0038-de is flagged
+    kept = build_mgsm_sft(tmp_path / "kept", languages=["en", "de"], n_val=5, n_test=10, exclude_flagged=False)
+    assert [len(p.read_text().splitlines()) for p in kept.values()] == [170, 10, 20]
     mtimes = {s: p.stat().st_mtime_ns for s, p in paths.items()}
     build_mgsm_sft(out, languages=["en", "de"], n_val=5, n_test=10, verbose=False)
     assert {s: p.stat().st_mtime_ns for s, p in paths.items()} == mtimes  # reused, not rewritten

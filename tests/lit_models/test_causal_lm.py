@@ -189,3 +189,13 @@ def test_adamw_8bit_steps(tmp_path: Path) -> None:
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([_batch([6, 6], 2)], batch_size=None))
     assert isinstance(trainer.optimizers[0], bnb.optim.AdamW8bit)
     assert not torch.equal(before, model.model.lm_head.weight)
+
+
+def test_unscorable_gold_fails_on_the_first_batch(tmp_path: Path) -> None:
+    metas = [{"id": "0013-es", "lang": "es", "answer": "{w*r+x-w*n}"}, {"id": "x", "lang": "es", "answer": "3"}]
+    model = CausalLMFineTune(model="llama-tiny", eval_task="math")
+    calls = []
+    model.generate_text = lambda input_ids, attention_mask: calls.append(1) or ["1"] * input_ids.size(0)
+    with pytest.raises(ValueError, match=r"test record '0013-es': eval_task=math needs a numeric 'answer'"):
+        _trainer(tmp_path).test(model, datamodule=_EvalData(metas), verbose=False)
+    assert not calls  # nothing was generated before the error
