@@ -159,8 +159,9 @@ def _manifest_matches(target: Path, manifest: dict[str, Any]) -> bool:
 
 
 def _smollm2_manifest(gguf: Path) -> dict[str, Any]:
-    stat = gguf.stat()
-    return {"source": str(gguf), "source_size": stat.st_size, "conversion_version": _CONVERSION_VERSION}
+    """What identifies a conversion: the GGUF's name and size (not its path: every virtual environment has its own
+    copy of the same file) and the conversion code's version."""
+    return {"source": gguf.name, "source_size": gguf.stat().st_size, "conversion_version": _CONVERSION_VERSION}
 
 
 def _convert_smollm2(gguf: Path, out: Path) -> None:

@@ -3,7 +3,6 @@ every causal_lm config runs fit + test, LoRA resume is exact, test/predict work 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from lit_models.cli import main
+from tests.run_logs import metric, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "causal_lm").glob("*.yaml"))
@@ -57,19 +57,6 @@ def tiny_args(config: Path, data_dir: Path, run_dir: Path, *extra: str, steps: i
         "--checkpoint.every_n_train_steps", "1",
         *extra,
     ]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    files = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
-    assert files, f"no metrics.csv under {run_dir}"
-    with open(files[-1]) as f:
-        return list(csv.DictReader(f))
-
-
-def metric(rows: list[dict[str, str]], key: str, step: int | None = None) -> float:
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "") and (step is None or int(r["step"]) == step)]
-    assert values, f"{key} not logged (step={step})"
-    return values[-1]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)

@@ -3,7 +3,6 @@ exact, the subcommands work on a checkpoint, and bad input fails clearly (spec c
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import torch
 import yaml
 
 from lit_models.cli import main
+from tests.run_logs import metric, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -53,19 +53,6 @@ def tiny_args(config: Path, bible: dict[str, Path], run_dir: Path, *extra: str, 
         "--model.init_args.max_len_a", "0.5",
         *extra,
     ]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    files = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
-    assert files, f"no metrics.csv under {run_dir}"
-    with open(files[-1]) as f:
-        return list(csv.DictReader(f))
-
-
-def metric(rows: list[dict[str, str]], key: str, step: int | None = None) -> float:
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "") and (step is None or int(r["step"]) == step)]
-    assert values, f"{key} not logged (step={step})"
-    return values[-1]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

