@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batching import ResumableBatchSampler
-from datamodules.resumable import ResumableDataLoader, trainer_progress
+from datamodules.resumable import ResumableDataLoader, shard_context, trainer_progress
 
 __all__ = [
     "GenerationCollator",
@@ -979,18 +979,7 @@ class InstructionDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _replicas(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0, 0
-        replicas = int(trainer.world_size)
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if replicas > 1 and getattr(connector, "use_distributed_sampler", False):
-            raise ValueError(
-                f"InstructionDataModule shards its batches across the {replicas} ranks itself: set "
-                "trainer.use_distributed_sampler=false (Lightning cannot inject a DistributedSampler into a custom "
-                "batch sampler)"
-            )
-        return replicas, int(trainer.global_rank), int(trainer.current_epoch)
+        return shard_context(self.trainer, "InstructionDataModule")
 
     def _loader_kwargs(self, collate: Any) -> dict[str, Any]:
         return {"collate_fn": collate, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}

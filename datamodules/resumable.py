@@ -54,3 +54,23 @@ def trainer_progress(trainer: Any) -> Callable[[], tuple[int, int]]:
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     return progress
+
+
+def shard_context(trainer: Any, owner: str) -> tuple[int, int, int]:
+    """``(world_size, global_rank, current_epoch)`` for a DataModule whose batch sampler shards itself over ranks;
+    ``(1, 0, 0)`` without a trainer.
+
+    Raises:
+        ValueError: more than one rank while the trainer's ``use_distributed_sampler`` is on (Lightning cannot inject
+            its DistributedSampler into a custom batch sampler); the message names ``owner`` and the config key.
+    """
+    if trainer is None:
+        return 1, 0, 0
+    replicas = int(trainer.world_size)
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if replicas > 1 and getattr(connector, "use_distributed_sampler", False):
+        raise ValueError(
+            f"{owner} shards its batches across the {replicas} ranks itself: set trainer.use_distributed_sampler=false "
+            "(Lightning cannot inject a DistributedSampler into a custom batch sampler)"
+        )
+    return replicas, int(trainer.global_rank), int(trainer.current_epoch)

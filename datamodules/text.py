@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batching import ResumableBatchSampler
 from datamodules.demo.long_text import Document
-from datamodules.resumable import ResumableDataLoader, trainer_progress
+from datamodules.resumable import ResumableDataLoader, shard_context, trainer_progress
 from lit_models.hf import default_cache_dir, load_tokenizer
 
 __all__ = ["BlockBatchSampler", "TextDataModule", "TokenBlockDataset", "read_documents"]
@@ -900,21 +900,11 @@ class TextDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _replicas(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0, 0
-        return int(trainer.world_size), int(trainer.global_rank), int(trainer.current_epoch)
+        return shard_context(self.trainer, "TextDataModule")
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.dataset(split)
         replicas, rank, epoch = self._replicas()
-        connector = getattr(self.trainer, "_accelerator_connector", None)
-        if replicas > 1 and getattr(connector, "use_distributed_sampler", False):
-            raise ValueError(
-                f"TextDataModule shards its batches across the {replicas} ranks itself: set "
-                "trainer.use_distributed_sampler=false (Lightning cannot inject a DistributedSampler into a custom "
-                "batch sampler)"
-            )
         sampler = BlockBatchSampler(
             len(ds), self.batch_size, shuffle=train, seed=self.seed, epoch=epoch if train else 0,
             num_replicas=replicas, rank=rank, start_batch=self._resume_batch if train else 0, even_shards=train,

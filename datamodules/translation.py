@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.batching import TokenBatchSampler
-from datamodules.resumable import ResumableDataLoader, trainer_progress
+from datamodules.resumable import ResumableDataLoader, shard_context, trainer_progress
 from datamodules.tokenization import SubwordTokenizer, remove_bpe
 
 __all__ = [
@@ -784,21 +784,11 @@ class TranslationDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _replicas(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0, 0
-        return int(trainer.world_size), int(trainer.global_rank), int(trainer.current_epoch)
+        return shard_context(self.trainer, "TranslationDataModule")
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self._dataset(split)
         replicas, rank, epoch = self._replicas()
-        connector = getattr(self.trainer, "_accelerator_connector", None)
-        if replicas > 1 and getattr(connector, "use_distributed_sampler", False):
-            raise ValueError(
-                f"TranslationDataModule shards its token-budget batches across the {replicas} ranks itself: set "
-                "trainer.use_distributed_sampler=false (Lightning cannot inject a DistributedSampler into a custom "
-                "batch sampler)"
-            )
         sampler = TokenBatchSampler(
             ds.src_lengths,
             ds.tgt_lengths,
