@@ -53,7 +53,17 @@ from datamodules.demo.long_text import Document
 from datamodules.resumable import ResumableDataLoader, shard_context, trainer_progress
 from lit_models.hf import default_cache_dir, load_tokenizer
 
-__all__ = ["BlockBatchSampler", "TextDataModule", "TokenBlockDataset", "read_documents"]
+__all__ = [
+    "BlockBatchSampler",
+    "TextDataModule",
+    "TokenBlockDataset",
+    "expand_paths",
+    "fingerprint_files",
+    "offline_fingerprint",
+    "read_documents",
+    "read_offline",
+    "tokenizer_fingerprint",
+]
 
 #: Bump when the cached layout or the tokenization rules change, so old caches are rebuilt.
 CACHE_VERSION = 1
@@ -82,7 +92,7 @@ def _doc_text(value: Any, where: str, text_field: str) -> str:
     return value
 
 
-def _row_document(row: Any, where: str, default_id: str, text_field: str) -> Document:
+def _row_document(row: Any, where: str, default_id: str, text_field: str, title_field: str = "title") -> Document:
     if isinstance(row, str):
         return Document(id=default_id, source="files", title=default_id, text=row)
     if not isinstance(row, dict):
@@ -97,17 +107,20 @@ def _row_document(row: Any, where: str, default_id: str, text_field: str) -> Doc
     text = _doc_text(row[text_field], where, text_field)
     doc_id = str(row["id"]) if row.get("id") is not None else default_id
     source = row["source"] if isinstance(row.get("source"), str) else "files"
-    title = str(row["title"]) if row.get("title") is not None else doc_id
+    title = str(row[title_field]) if row.get(title_field) is not None else doc_id
     return Document(id=doc_id, source=source, title=title, text=text)
 
 
 def read_documents(
-    path: str | Path, text_field: str = "text", doc_split: Literal["file", "blank_line"] = "file"
+    path: str | Path,
+    text_field: str = "text",
+    doc_split: Literal["file", "blank_line"] = "file",
+    title_field: str = "title",
 ) -> list[Document]:
     """Documents of one file, read-only.
 
-    - ``.jsonl``: one JSON object per non-empty line, its text in ``text_field``; optional ``id``, ``title`` and
-      ``source`` fields are kept (default id ``<file name>:<line>``).
+    - ``.jsonl``: one JSON object per non-empty line, its text in ``text_field``; optional ``id``, ``title_field``
+      (default ``title``) and ``source`` fields are kept (default id ``<file name>:<line>``, default title the id).
     - ``.json``: a JSON list of such objects (or of strings); default id ``<file name>:<index>``.
     - anything else (``.txt``): UTF-8 plain text, one document per file (``doc_split="file"``, id = file name) or one
       per blank-line-separated block (``"blank_line"``, id ``<file name>#<k>``). Universal newlines.
@@ -140,7 +153,7 @@ def read_documents(
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path} line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            doc = _row_document(row, f"{path} line {lineno}", f"{name}:{lineno}", text_field)
+            doc = _row_document(row, f"{path} line {lineno}", f"{name}:{lineno}", text_field, title_field)
             docs.append(Document(doc.id, doc.source, doc.title, doc.text.strip()))
     elif suffix == ".json":
         try:
@@ -150,7 +163,7 @@ def read_documents(
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a JSON {type(rows).__name__}, expected a list of objects with {text_field!r}")
         for i, row in enumerate(rows):
-            doc = _row_document(row, f"{path} item {i}", f"{name}:{i}", text_field)
+            doc = _row_document(row, f"{path} item {i}", f"{name}:{i}", text_field, title_field)
             docs.append(Document(doc.id, doc.source, doc.title, doc.text.strip()))
     elif doc_split == "blank_line":
         blocks = [b.strip() for b in _BLANK_LINES.split(content)]
@@ -160,7 +173,7 @@ def read_documents(
     return docs
 
 
-def _expand_paths(paths: Sequence[str], key: str) -> list[Path]:
+def expand_paths(paths: Sequence[str], key: str) -> list[Path]:
     """Files named by ``paths`` (files, directories searched recursively, glob patterns), in the given order.
 
     Raises:
@@ -188,8 +201,53 @@ def _expand_paths(paths: Sequence[str], key: str) -> list[Path]:
     return out
 
 
-def _fingerprint_files(files: Sequence[Path]) -> list[list[Any]]:
+def fingerprint_files(files: Sequence[Path]) -> list[list[Any]]:
+    """``[path, size, mtime_ns]`` of each file: a cache key that changes when a file is replaced or edited."""
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's full definition (a fast tokenizer's ``tokenizer.json``; a slow one's vocabulary)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:  # slow tokenizer: its vocabulary and class
+        blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def offline_fingerprint(names: Sequence[str], bible_code: str = "4") -> list[Any]:
+    """Cache key of the offline sources ``names`` (``austen``, ``essays``, ``bible``): their package files."""
+    parts: list[Any] = []
+    if "austen" in names:
+        from datamodules.demo.long_text import janeaustenr_dir
+
+        parts.append(["austen", *fingerprint_files([janeaustenr_dir() / "data" / "Rdata.rdb"])])
+    if "essays" in names:
+        from datamodules.demo.long_text import essays_dir
+
+        parts.append(["essays", *fingerprint_files(sorted(essays_dir().glob("*.txt")))])
+    if "bible" in names:
+        from datamodules.demo.bible import default_bible_db
+
+        parts.append(["bible", bible_code, *fingerprint_files([default_bible_db()])])
+    return parts
+
+
+def read_offline(names: Sequence[str], bible_code: str = "4", austen_reflow: bool = True) -> list[Document]:
+    """Documents of the offline sources ``names`` in the order austen, essays, bible (see
+    :mod:`datamodules.demo.long_text`; ``austen_reflow`` is :func:`~datamodules.demo.long_text.austen_novels`'s
+    ``reflow``)."""
+    from datamodules.demo import long_text
+
+    docs: list[Document] = []
+    if "austen" in names:
+        docs += long_text.austen_novels(reflow=austen_reflow)
+    if "essays" in names:
+        docs += long_text.essays()
+    if "bible" in names:
+        docs += long_text.bible_books(bible_code)
+    return docs
 
 
 # ====================================================================================== dataset, sampler
@@ -498,30 +556,8 @@ class TextDataModule(LightningDataModule):
         return self.tokenizer.bos_token_id
 
     # ------------------------------------------------------------------ sources
-    def _tokenizer_fingerprint(self) -> str:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            blob = backend.to_str()
-        else:  # slow tokenizer: its vocabulary and class
-            blob = json.dumps([type(self.tokenizer).__name__, sorted(self.tokenizer.get_vocab().items())])
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
     def _offline_fingerprint(self) -> list[Any]:
-        parts: list[Any] = []
-        names = _OFFLINE if self.source == "mixed" else (self.source,)
-        if "austen" in names:
-            from datamodules.demo.long_text import janeaustenr_dir
-
-            parts.append(["austen", *_fingerprint_files([janeaustenr_dir() / "data" / "Rdata.rdb"])])
-        if "essays" in names:
-            from datamodules.demo.long_text import essays_dir
-
-            parts.append(["essays", *_fingerprint_files(sorted(essays_dir().glob("*.txt")))])
-        if "bible" in names:
-            from datamodules.demo.bible import default_bible_db
-
-            parts.append(["bible", self.bible_code, *_fingerprint_files([default_bible_db()])])
-        return parts
+        return offline_fingerprint(_OFFLINE if self.source == "mixed" else (self.source,), self.bible_code)
 
     def _hf_path(self) -> Path:
         assert self.hf_dataset is not None
@@ -533,20 +569,10 @@ class TextDataModule(LightningDataModule):
     def _hf_fingerprint(self) -> list[Any]:
         path = self._hf_path()
         files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-        return [["hf", str(path)], *_fingerprint_files(files)]
+        return [["hf", str(path)], *fingerprint_files(files)]
 
     def _read_offline(self) -> list[Document]:
-        from datamodules.demo import long_text
-
-        names = _OFFLINE if self.source == "mixed" else (self.source,)
-        docs: list[Document] = []
-        if "austen" in names:
-            docs += long_text.austen_novels()
-        if "essays" in names:
-            docs += long_text.essays()
-        if "bible" in names:
-            docs += long_text.bible_books(self.bible_code)
-        return docs
+        return read_offline(_OFFLINE if self.source == "mixed" else (self.source,), self.bible_code)
 
     def _read_files(self, files: Sequence[Path]) -> list[Document]:
         docs: list[Document] = []
@@ -610,7 +636,7 @@ class TextDataModule(LightningDataModule):
             "version": CACHE_VERSION,
             "group": group,
             "tokenizer": self.tokenizer_name,
-            "tokenizer_sha": self._tokenizer_fingerprint(),
+            "tokenizer_sha": tokenizer_fingerprint(self.tokenizer),
             "add_eos_between_docs": self.add_eos_between_docs,
             "text_field": self.text_field,
             "doc_split": self.doc_split,
@@ -619,16 +645,16 @@ class TextDataModule(LightningDataModule):
             if self.hf_dataset is not None:
                 inputs["sources"] = self._hf_fingerprint()
             elif self.source == "files":
-                inputs["sources"] = _fingerprint_files(_expand_paths(self.train_files, "train_files"))
+                inputs["sources"] = fingerprint_files(expand_paths(self.train_files, "train_files"))
             else:
                 inputs["sources"] = self._offline_fingerprint()
-            inputs["val_files"] = _fingerprint_files(_expand_paths(self.val_files, "val_files"))
+            inputs["val_files"] = fingerprint_files(expand_paths(self.val_files, "val_files"))
             inputs["split_rule"] = {"seed": self.seed, "val_fraction": self.val_fraction,
                                     "val_documents": self.val_documents}
         else:
             inputs["sources"] = (
                 self._hf_fingerprint() if self.hf_dataset is not None
-                else _fingerprint_files(_expand_paths(self.test_files, "test_files"))
+                else fingerprint_files(expand_paths(self.test_files, "test_files"))
             )
         digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()[:16]
         return f"{group}-{digest}", inputs
@@ -722,7 +748,7 @@ class TextDataModule(LightningDataModule):
                     "no test split: set data.init_args.test_files (or give data.init_args.hf_dataset a 'test' split); "
                     "the offline sources have no test split"
                 )
-            docs = keep(self._read_files(_expand_paths(self.test_files, "test_files")))
+            docs = keep(self._read_files(expand_paths(self.test_files, "test_files")))
             if not docs:
                 raise ValueError(f"the test files {self.test_files} hold no non-empty document")
             return {"test": docs}, dropped
@@ -731,14 +757,14 @@ class TextDataModule(LightningDataModule):
         if hf is not None:
             train = hf["train"]
         elif self.source == "files":
-            train = self._read_files(_expand_paths(self.train_files, "train_files"))
+            train = self._read_files(expand_paths(self.train_files, "train_files"))
         else:
             train = self._read_offline()
         train = keep(train)
         if not train:
             raise ValueError(f"empty corpus: the training sources of source={self.source!r} hold no non-empty document")
         if self.val_files:
-            val = keep(self._read_files(_expand_paths(self.val_files, "val_files")))
+            val = keep(self._read_files(expand_paths(self.val_files, "val_files")))
         elif hf is not None and "validation" in hf and not self.val_documents:
             val = keep(hf["validation"])
         else:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lit_models.hf import count_parameters, load_causal_lm, load_tokenizer
+from lit_models.hf import count_parameters, decoder_and_head, load_causal_lm, load_tokenizer
 from lit_models.nn.answer_extract import parse_gold, score_math
 from lit_models.nn.mt_metrics import corpus_bleu, corpus_chrf
 from lit_models.token_loss import TokenSumLoss
@@ -204,17 +204,7 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
 
     def _decoder_and_head(self) -> tuple[Any, Any]:
         """(decoder, output layer) of the wrapped model when its logits are ``head(last_hidden_state)``, else Nones."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        config = base.config
-        if any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
-            return None, None
-        try:
-            decoder, head = base.get_decoder(), base.get_output_embeddings()
-        except (AttributeError, NotImplementedError):
-            return None, None
-        if decoder is None or head is None or decoder is base:
-            return None, None
-        return decoder, head
+        return decoder_and_head(self.model)
 
     # ------------------------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -38,6 +38,7 @@ __all__ = [
     "EMBEDDED_MODELS",
     "TINY_CONFIGS",
     "count_parameters",
+    "decoder_and_head",
     "default_cache_dir",
     "load_causal_lm",
     "load_tokenizer",
@@ -394,3 +395,24 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
         total += p.numel()
     return total
 
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[Any, Any]:
+    """``(decoder, output layer)`` of a causal LM (a peft wrapper is unwrapped) whose logits are exactly
+    ``head(decoder(...).last_hidden_state)``, else ``(None, None)``.
+
+    Lets callers run the large-vocabulary output layer only at the positions they score. Models with logit
+    soft-capping or scaling (``final_logit_softcapping``, ``logit_scale``) and models without a separate decoder give
+    ``(None, None)``: use their full logits.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping",
+                                                                                  "logit_scale")):
+        return None, None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    if decoder is None or head is None or decoder is base:
+        return None, None
+    return decoder, head
