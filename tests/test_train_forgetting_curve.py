@@ -1,0 +1,52 @@
+"""train.py test end to end for every forgetting-curve config (tiny grids): JSON, summary, PNG and logged metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lit_models.cli import main
+from tests.run_logs import metric, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "forgetting_curve").glob("*.yaml"))
+KEYS = ("test/fine_grained_length", "test/coarse_grained_length", "test/amnesia_length", "test/n_failed_lengths",
+        "test/samples_per_s")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_runs_through_train_py(config: Path, tmp_path: Path) -> None:
+    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}]
+    extra = []
+    if config.stem == "smollm2":  # the real model on Austen, shrunk grid
+        extra = ["--data.init_args.lengths", "[8, 24]", "--data.init_args.repeats", "3",
+                 "--data.init_args.batch_size", "3"]
+    main([
+        "test", "--config", str(config),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger", json.dumps(logger),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ])
+    out = tmp_path / "logs" / "version_0" / "forgetting_curve"
+    title = next(p.name for p in out.glob("*.summary.json")).removesuffix(".summary.json")
+    results = json.loads((out / f"{title}.json").read_text())
+    summary = json.loads((out / f"{title}.summary.json").read_text())
+    assert (out / f"{title}.png").read_bytes()[:4] == b"\x89PNG"
+    lengths = [8, 24] if config.stem == "smollm2" else list(range(4, 65, 4))
+    assert [r["length"] for r in results] == lengths
+    assert all(r["status"] == "ok" and r["n_scored"] == (r["length"] + 1) // 2 for r in results)
+    assert all(len(r["copy_accs"]) == len(r["lm_accs"]) == 3 for r in results)
+    assert summary["n_failed_lengths"] == 0
+    assert summary["settings"]["data"]["N"] > 0 if config.stem == "smollm2" else True
+    rows = read_metrics(tmp_path)
+    for key in KEYS[:2] + KEYS[3:]:
+        assert metric(rows, key) == pytest.approx(summary[key.split("/", 1)[1]] if key != "test/samples_per_s"
+                                                  else summary["samples_per_s"], rel=1e-5)
+    per_length = {int(r["step"]) for r in rows if r.get("test/copy_acc") not in (None, "")}
+    assert per_length == set(lengths)
+    if config.stem == "smollm2":
+        by_length = {r["length"]: r for r in results}
+        assert by_length[24]["copy_mean"] > by_length[24]["lm_mean"]
