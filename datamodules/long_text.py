@@ -44,16 +44,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from filelock import FileLock
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
@@ -68,6 +65,7 @@ from datamodules.text import (
     read_offline,
     tokenizer_fingerprint,
 )
+from lit_models.fileio import atomic_write, build_once
 from lit_models.hf import default_cache_dir, load_tokenizer
 from lit_models.nn.forgetting_curve import build_pair, make_lengths, validate_lengths
 
@@ -396,21 +394,14 @@ class LongTextDataModule(LightningDataModule):
         digest, inputs = self._key(entries)
         target = self.cache_dir / f"stream-{digest}.pt"
         meta_path = target.with_suffix(".json")
-        if not (target.is_file() and meta_path.is_file()):
-            try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                lock = FileLock(str(self.cache_dir / f"stream-{digest}.lock"))
-            except OSError as exc:
-                raise OSError(f"cannot create data.init_args.cache_dir={self.cache_dir} ({exc}); set it to a writable "
-                              "directory") from exc
-            with lock:
-                if not (target.is_file() and meta_path.is_file()):
-                    stream, stats = self._build_stream(entries)
-                    self._write_atomic(target, lambda f: torch.save(stream, f))
-                    meta = {"key_inputs": inputs, **stats}
-                    self._write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1, default=str).encode()))
-                    rank_zero_info(f"[data] tokenized corpus {self.corpus} ({stats['documents']} documents, "
-                                   f"{stats['tokens']:,} tokens) -> {target}")
+        def build() -> None:
+            stream, stats = self._build_stream(entries)
+            atomic_write(target, lambda fh: torch.save(stream, fh))
+            atomic_write(meta_path, json.dumps({"key_inputs": inputs, **stats}, indent=1, default=str) + "\n")
+            rank_zero_info(f"[data] tokenized corpus {self.corpus} ({stats['documents']} documents, "
+                           f"{stats['tokens']:,} tokens) -> {target}")
+
+        build_once(self.cache_dir, f"stream-{digest}", lambda: target.is_file() and meta_path.is_file(), build)
         stream = torch.load(target, weights_only=True)
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if self.max_corpus_tokens is not None:
@@ -420,17 +411,6 @@ class LongTextDataModule(LightningDataModule):
         self.stream = stream
         self.stream_info = {"corpus": self.corpus, "corpus_hash": digest, "documents": meta["documents"],
                             "N": int(stream.numel()), "cache": str(target)}
-
-    @staticmethod
-    def _write_atomic(target: Path, write: Any) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                write(fh)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     # ------------------------------------------------------------------ samples
     def _irrelevant_ids(self) -> torch.Tensor:

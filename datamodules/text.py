@@ -43,7 +43,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from filelock import FileLock
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
@@ -51,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batching import ResumableBatchSampler
 from datamodules.demo.long_text import Document
 from datamodules.resumable import ResumableDataLoader, shard_context, trainer_progress
+from lit_models.fileio import build_once
 from lit_models.hf import default_cache_dir, load_tokenizer
 
 __all__ = [
@@ -804,16 +804,7 @@ class TextDataModule(LightningDataModule):
             return self._cache_paths[group]
         name, inputs = self._key(group)
         target = self.cache_dir / name
-        if not (target / _META).is_file():
-            try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                lock = FileLock(str(self.cache_dir / f"{name}.lock"))
-            except OSError as exc:
-                raise OSError(f"cannot create data.init_args.cache_dir={self.cache_dir} ({exc}); set it to a writable "
-                              "directory") from exc
-            with lock:
-                if not (target / _META).is_file():  # another process may have built it while we waited
-                    self._build(group, target, inputs)
+        build_once(self.cache_dir, name, (target / _META).is_file, lambda: self._build(group, target, inputs))
         self._cache_paths[group] = target
         return target
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["SPECIAL_TOKENS", "SubwordTokenizer", "BPE_JOINER"]
+from lit_models.fileio import atomic_write
+
+__all__ = ["BPE_JOINER", "SPECIAL_TOKENS", "SubwordTokenizer"]
 
 #: Special tokens and their ids, identical in both modes.
 SPECIAL_TOKENS: tuple[str, str, str, str] = ("<pad>", "<unk>", "<s>", "</s>")
@@ -37,20 +38,6 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 BPE_JOINER = "@@"
 
 _BPE_JOIN_RE = re.compile(r"@@( |$)")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def remove_bpe(text: str) -> str:
@@ -201,11 +188,11 @@ class SubwordTokenizer:
         )
         data = writer.getvalue()
         tok = cls("sentencepiece", data, path=str(out))
-        _atomic_write_bytes(out, data)
+        atomic_write(out, data)
         sp = tok._sp
         assert sp is not None
         vocab_lines = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(tok.vocab_size))
-        _atomic_write_bytes(out.with_suffix(".vocab"), vocab_lines.encode("utf-8"))
+        atomic_write(out.with_suffix(".vocab"), vocab_lines.encode("utf-8"))
         return tok
 
     @classmethod
@@ -278,7 +265,7 @@ class SubwordTokenizer:
         ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         data = "".join(f"{tok} {n}\n" for tok, n in ordered).encode("utf-8")
         out = Path(out_path)
-        _atomic_write_bytes(out, data)
+        atomic_write(out, data)
         return cls("pretokenized", data, path=str(out))
 
     # ------------------------------------------------------------------ properties

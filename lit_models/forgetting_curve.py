@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -29,6 +28,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lit_models.fileio import atomic_write
 from lit_models.hf import count_parameters, decoder_and_head, load_causal_lm
 from lit_models.nn.forgetting_curve import (
     memory_lengths,
@@ -61,17 +61,6 @@ def import_object(dotted: str, key: str) -> Any:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ImportError(f"{key}={dotted!r} cannot be imported: {err}") from err
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class ForgettingCurve(LightningModule):
@@ -418,7 +407,7 @@ class ForgettingCurve(LightningModule):
             return
         results = [r for r in self._results(self._accs, self._failed, self._seconds)
                    if r["status"] == "ok" or r["length"] in self._failed]
-        _atomic_write_text(self._paths()["json"], json.dumps(results, indent=1) + "\n")
+        atomic_write(self._paths()["json"], json.dumps(results, indent=1) + "\n")
 
     def _write_outputs(self, results: list[dict[str, Any]], memory: dict[str, Any], samples_per_s: float) -> None:
         import lightning
@@ -431,7 +420,7 @@ class ForgettingCurve(LightningModule):
         if log_x is None:
             log_x = getattr(dm, "granularity_type", "linear") == "log" and getattr(dm, "hparams", {}).get(
                 "lengths") is None
-        _atomic_write_text(paths["json"], json.dumps(results, indent=1) + "\n")
+        atomic_write(paths["json"], json.dumps(results, indent=1) + "\n")
         summary = {
             **memory,
             "fine_threshold": self.hparams.fine_threshold,
@@ -447,7 +436,7 @@ class ForgettingCurve(LightningModule):
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "lightning": lightning.__version__, "scipy": scipy.__version__},
         }
-        _atomic_write_text(paths["summary"], json.dumps(summary, indent=1) + "\n")
+        atomic_write(paths["summary"], json.dumps(summary, indent=1) + "\n")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plot_curve(results, paths["png"], training_len=self.hparams.training_len, log_x=bool(log_x),

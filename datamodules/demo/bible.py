@@ -28,6 +28,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from lit_models.fileio import atomic_write
+
 __all__ = ["BIBLE_CODES", "MANIFEST_NAME", "build_bible_corpus", "clean_verse", "default_bible_db"]
 
 #: Public-domain translations known to work, code -> (language, name). Any code present in the DB is accepted.
@@ -132,15 +134,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _file_names(src_lang: str, tgt_lang: str) -> dict[str, str]:
@@ -290,7 +283,7 @@ def build_bible_corpus(
         if manifest is not None:
             return {**manifest, "out_dir": str(out), "files": files, "skipped": True}
         manifest = _build(out, db, args)  # validates the codes before anything in ``out`` is replaced
-        _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     if verbose:
         c = manifest["counts"]
@@ -348,7 +341,7 @@ def _build(out: Path, db: Path, args: dict[str, Any]) -> dict[str, Any]:
         for lang, side in ((src_lang, 1), (tgt_lang, 2)):
             text = "".join(pair[side] + "\n" for pair in pairs[split])
             path = out / f"{split}.{lang}"
-            _atomic_write_text(path, text)
+            atomic_write(path, text)
             sha[path.name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return {
         "args": args,

@@ -45,6 +45,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from lit_models.fileio import atomic_write
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser as a package (pip install tomli)
@@ -269,15 +271,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _read_manifest(out: Path) -> dict[str, Any] | None:
     try:
         return json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -359,7 +352,7 @@ def build_jsonl_splits(
         sha: dict[str, str] = {}
         for split in SPLITS:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[split])
-            _atomic_write_text(paths[split], text)
+            atomic_write(paths[split], text)
             sha[paths[split].name] = _sha256_text(text)
         manifest = {
             "builder": builder,
@@ -368,7 +361,7 @@ def build_jsonl_splits(
             "sha256": sha,
             **extra,
         }
-        _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return paths, manifest, False
 
 

@@ -24,7 +24,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from lit_models.fileio import atomic_write
 
 __all__ = [
     "build_pair",
@@ -417,22 +418,12 @@ def _new_figure():
 
 
 def _save_atomic(fig, path: str | os.PathLike) -> Path:
-    """Save ``fig`` to a temporary file next to ``path``, then ``os.replace`` it (format from the suffix)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp.{fmt}", dir=path.parent)
-    os.close(fd)
+    """Save ``fig`` atomically to ``path`` (format from the suffix) and free it."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
     try:
-        fig.savefig(tmp, format=fmt, dpi=fig.dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=fig.dpi))
     finally:
         fig.clear()
-    return path
-
 
 def _style_axes(ax, log_x: bool, title: str | None) -> None:
     if log_x:
