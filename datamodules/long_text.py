@@ -63,10 +63,9 @@ from datamodules.text import (
     offline_fingerprint,
     read_documents,
     read_offline,
-    tokenizer_fingerprint,
 )
 from lit_models.fileio import atomic_write, build_once
-from lit_models.hf import default_cache_dir, load_tokenizer
+from lit_models.hf import default_cache_dir, load_tokenizer, tokenizer_fingerprint
 from lit_models.nn.forgetting_curve import build_pair, make_lengths, validate_lengths
 
 __all__ = ["LongTextDataModule", "allowed_random_ids"]
@@ -497,7 +496,8 @@ class LongTextDataModule(LightningDataModule):
             "eos_id": self.eos_id,
             "lm_prefix": self.lm_prefix,
             "random_id_range": self.random_id_range,
-            "irrelevant_text": self.irrelevant_text is not None,
+            "irrelevant_text_sha256": (hashlib.sha256(self.irrelevant_text.encode("utf-8")).hexdigest()
+                                       if self.irrelevant_text is not None else None),
             "add_special_tokens": self.add_special_tokens,
             "batch_size": self.batch_size,
             **self.stream_info,

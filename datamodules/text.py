@@ -51,7 +51,7 @@ from datamodules.batching import ResumableBatchSampler
 from datamodules.demo.long_text import Document
 from datamodules.resumable import ResumableDataLoader, shard_context, trainer_progress
 from lit_models.fileio import build_once
-from lit_models.hf import default_cache_dir, load_tokenizer
+from lit_models.hf import default_cache_dir, load_tokenizer, tokenizer_fingerprint
 
 __all__ = [
     "BlockBatchSampler",
@@ -62,7 +62,6 @@ __all__ = [
     "offline_fingerprint",
     "read_documents",
     "read_offline",
-    "tokenizer_fingerprint",
 ]
 
 #: Bump when the cached layout or the tokenization rules change, so old caches are rebuilt.
@@ -204,16 +203,6 @@ def expand_paths(paths: Sequence[str], key: str) -> list[Path]:
 def fingerprint_files(files: Sequence[Path]) -> list[list[Any]]:
     """``[path, size, mtime_ns]`` of each file: a cache key that changes when a file is replaced or edited."""
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of a tokenizer's full definition (a fast tokenizer's ``tokenizer.json``; a slow one's vocabulary)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        blob = backend.to_str()
-    else:  # slow tokenizer: its vocabulary and class
-        blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def offline_fingerprint(names: Sequence[str], bible_code: str = "4") -> list[Any]:

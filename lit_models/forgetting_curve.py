@@ -29,7 +29,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_models.fileio import atomic_write
-from lit_models.hf import count_parameters, decoder_and_head, load_causal_lm
+from lit_models.hf import (
+    count_parameters,
+    decoder_and_head,
+    load_causal_lm,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from lit_models.nn.forgetting_curve import (
     memory_lengths,
     paired_stats,
@@ -63,6 +69,19 @@ def import_object(dotted: str, key: str) -> Any:
         raise ImportError(f"{key}={dotted!r} cannot be imported: {err}") from err
 
 
+def _check_tokenizer(model: str, tokenizer: Any, trust_remote_code: bool) -> None:
+    """Raise when the data's tokenizer is not the model's own (a silent mismatch would score garbage)."""
+    try:
+        own = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # no tokenizer beside the model (a bare weights directory): nothing to compare
+    if tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"data.init_args.tokenizer ({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) is not the "
+            f"tokenizer of model.init_args.model={model!r}: set --data.init_args.tokenizer {model}"
+        )
+
+
 class ForgettingCurve(LightningModule):
     """Teacher-forced copy and LM accuracies per length, the paired t-test, memory lengths, JSON and plots.
 
@@ -83,8 +102,9 @@ class ForgettingCurve(LightningModule):
         model: ``model_source="hf"``: a :func:`lit_models.hf.load_causal_lm` name (``smollm2-135m``, ``llama-tiny``,
             ``mamba-tiny``, ...), a local transformers directory or a cached hub name. ``"project"``: a dotted path
             to a callable returning an ``nn.Module`` (needs ``forward_fn``).
-        tokenizer: the data's tokenizer object (linked from the DataModule by the CLI); unused here (the data checks
-            its ids against the model's vocabulary in ``on_test_start``).
+        tokenizer: the data's tokenizer object (linked from the DataModule by the CLI); it must be the model's own
+            (compared by its full definition; tiny models use SmolLM2's). Data ids are checked against the model's
+            vocabulary in ``on_test_start``.
         model_source: ``hf`` or ``project``.
         dtype: parameter dtype (``float32`` on CPU; ``bfloat16`` on GPU).
         model_config_overrides: tiny models only: config fields (e.g. ``{vocab_size: 1024, num_hidden_layers: 2}``).
@@ -161,6 +181,8 @@ class ForgettingCurve(LightningModule):
             )
         self.model.eval()
         self.model.requires_grad_(False)
+        if tokenizer is not None and model_source == "hf":
+            _check_tokenizer(model, tokenizer, trust_remote_code)
         self._reset()
 
     def _reset(self) -> None:
@@ -252,7 +274,14 @@ class ForgettingCurve(LightningModule):
                 f"data.init_args.random_id_range inside [0, {vocab - 1}] and bos_id/eos_id below {vocab}"
             )
         if self.hparams.resume:
+            if self.hparams.output_dir is None:
+                raise ValueError("model.init_args.resume=true needs a fixed model.init_args.output_dir (the default "
+                                 "is a new logs/version_N directory per run, where nothing is found to resume)")
             self._previous = self._load_previous()
+        if self.trainer.is_global_zero:
+            # the settings go to disk before any partial JSON, so an interrupted run can be resumed and a partial
+            # JSON is never read with another run's settings
+            atomic_write(self._paths()["summary"], json.dumps(self._summary_head("running"), indent=1) + "\n")
         limit = self._position_limit()
         if dm is not None and limit is not None:
             over = [L for L in getattr(dm, "lengths", []) if 2 * L + 3 > limit]
@@ -278,6 +307,9 @@ class ForgettingCurve(LightningModule):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self._failed[L] = f"{type(err).__name__}: {err}"
+            limit = self._position_limit()
+            if limit is not None and 2 * L + 3 > limit:
+                self._failed[L] += f" (input T={2 * L + 3} > max_position_embeddings={limit})"
             self._seconds[L] = self._seconds.get(L, 0.0) + time.perf_counter() - t0
             if self.hparams.on_error == "raise":
                 self._write_partial()
@@ -312,7 +344,7 @@ class ForgettingCurve(LightningModule):
         results = self._results(accs, failed, seconds)
         memory = memory_lengths(results, self.hparams.fine_threshold, self.hparams.alpha)
         total_s = sum(seconds.values())
-        samples_per_s = samples / total_s if total_s > 0 else float("nan")
+        samples_per_s = samples / total_s if total_s > 0 and samples else None
         if self.trainer.is_global_zero:
             self._write_outputs(results, memory, samples_per_s)
             self._print_table(results, memory, samples_per_s)
@@ -323,7 +355,7 @@ class ForgettingCurve(LightningModule):
             "test/coarse_grained_length": float(memory["coarse_grained_length"]),
             "test/amnesia_length": float(amnesia) if amnesia is not None else float("nan"),
             "test/n_failed_lengths": float(memory["n_failed_lengths"]),
-            "test/samples_per_s": float(samples_per_s),
+            "test/samples_per_s": float(samples_per_s) if samples_per_s is not None else float("nan"),
         }
         for key, value in metrics.items():
             self.log(key, value, rank_zero_only=True)
@@ -387,7 +419,17 @@ class ForgettingCurve(LightningModule):
         hp = self.hparams
         return {"model": hp.model, "model_source": hp.model_source, "dtype": hp.dtype,
                 "model_config_overrides": hp.model_config_overrides, "seed": hp.seed,
+                "attn_implementation": hp.attn_implementation, "trust_remote_code": hp.trust_remote_code,
                 "forward_fn": hp.forward_fn, "score_half": hp.score_half, "data": data}
+
+    def _summary_head(self, status: str) -> dict[str, Any]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return {
+            "status": status,
+            "model": self.hparams.model,
+            "lengths": list(getattr(dm, "lengths", [])),
+            "settings": json.loads(json.dumps(self._settings(), default=str)),
+        }
 
     def _load_previous(self) -> dict[int, dict[str, Any]]:
         paths = self._paths()
@@ -422,17 +464,16 @@ class ForgettingCurve(LightningModule):
                 "lengths") is None
         atomic_write(paths["json"], json.dumps(results, indent=1) + "\n")
         summary = {
+            **self._summary_head("complete"),
             **memory,
             "fine_threshold": self.hparams.fine_threshold,
             "alpha": self.hparams.alpha,
-            "model": self.hparams.model,
             "model_class": type(self.model).__name__,
             "parameters": count_parameters(self.model),
             "max_position_embeddings": self._position_limit(),
             "training_len": self.hparams.training_len,
             "samples_per_s": samples_per_s,
             "failures": {str(r["length"]): r["error"] for r in results if r["status"] == "failed"},
-            "settings": json.loads(json.dumps(self._settings(), default=str)),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "lightning": lightning.__version__, "scipy": scipy.__version__},
         }
@@ -449,10 +490,18 @@ class ForgettingCurve(LightningModule):
                 lines.append(f"{r['length']:>7} {r['lm_mean']:>8.4f} {r['copy_mean']:>9.4f} {r['p_value']:>10.3g}  ok")
             else:
                 lines.append(f"{r['length']:>7} {'-':>8} {'-':>9} {'-':>10}  FAILED: {r['error']}")
-        fine = f"{memory['fine_grained_length']}{'+' if memory['fine_is_lower_bound'] else ''}"
-        coarse = f"{memory['coarse_grained_length']}{'+' if memory['coarse_is_lower_bound'] else ''}"
-        lines.append(f"fine-grained memory length {fine}, coarse-grained {coarse}, amnesia at "
-                     f"{memory['amnesia_length']} ('+': a lower bound); {samples_per_s:.2f} samples/s")
+        def bound(key: str) -> str:
+            return " (a lower bound: it holds at the largest length, or longer lengths failed)" \
+                if memory[f"{key}_is_lower_bound"] else ""
+
+        amnesia = memory["amnesia_length"]
+        lines.append(f"fine-grained memory length (copy >= {self.hparams.fine_threshold}): "
+                     f"{memory['fine_grained_length']}{bound('fine')}")
+        lines.append(f"coarse-grained memory length (copy > LM, p < {self.hparams.alpha}): "
+                     f"{memory['coarse_grained_length']}{bound('coarse')}")
+        lines.append(f"amnesia from L={amnesia}" if amnesia is not None else "no amnesia within the evaluated lengths")
+        if samples_per_s is not None:
+            lines.append(f"{samples_per_s:.2f} samples/s (one sample = a copy and an LM input)")
         if memory["failed_lengths"]:
             lines.append(f"could NOT evaluate lengths {memory['failed_lengths']} (errors in the JSON)")
         lines.append(f"outputs: {self._paths()['json'].parent}")

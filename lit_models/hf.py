@@ -44,6 +44,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_model_dir",
     "smollm2_gguf_path",
+    "tokenizer_fingerprint",
 ]
 
 SMOLLM2 = "smollm2-135m"
@@ -416,3 +417,13 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[Any, Any]:
     if decoder is None or head is None or decoder is base:
         return None, None
     return decoder, head
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's full definition (a fast tokenizer's ``tokenizer.json``; a slow one's vocabulary)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:  # slow tokenizer: its vocabulary and class
+        blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -441,7 +441,8 @@ def plot_curve(results: list[dict], path: str | os.PathLike, training_len: int |
     """Draw one forgetting curve (spec section 4) and write it atomically to ``path`` (parent dirs created).
 
     10x5 in at 100 dpi (1000x500 px): blue ``lm_accuracy`` and orange ``copy_accuracy`` lines with +-1 std bands
-    (alpha 0.1); red dashed line at ``training_len`` and green dashed at ``training_len // 2`` when given; dotted
+    (alpha 0.1); red dashed line at ``training_len`` and green dashed at ``training_len // 2`` when given (only
+    named in the legend when more than 1.5x beyond the longest length, so the curves keep the width); dotted
     lines at F and C from ``memory`` (a :func:`memory_lengths` dict) when > 0; failed lengths as grey markers at y=0.
 
     Returns:
@@ -462,8 +463,13 @@ def plot_curve(results: list[dict], path: str | os.PathLike, training_len: int |
     ax.plot(x, cp, color="tab:orange", marker=".", label="copy_accuracy")
     ax.fill_between(x, cp - cp_std, cp + cp_std, color="tab:orange", alpha=0.1)
     if training_len is not None:
-        ax.axvline(training_len, color="red", linestyle="--", label=f"training_len = {training_len}")
-        ax.axvline(training_len // 2, color="green", linestyle="--", label=f"training_len // 2 = {training_len // 2}")
+        longest = max([*x.tolist(), *failed], default=0.0)
+        for value, color, name in ((training_len, "red", "training_len"), (training_len // 2, "green",
+                                                                           "training_len // 2")):
+            if value <= 1.5 * longest:
+                ax.axvline(value, color=color, linestyle="--", label=f"{name} = {value}")
+            else:  # far beyond the grid: a line there would squeeze the curves into a corner; say it instead
+                ax.plot([], [], color=color, linestyle="--", label=f"{name} = {value} (beyond the grid)")
     if memory:
         for kind, name, color in (("fine", "F", "tab:purple"), ("coarse", "C", "tab:brown")):
             value = memory.get(f"{kind}_grained_length") or 0

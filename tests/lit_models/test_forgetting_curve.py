@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -161,6 +162,59 @@ def test_resume_reuses_finished_lengths(tmp_path: Path) -> None:
     third = _oracle(tmp_path, "window_forward", resume=True)
     _run(tmp_path, third, _data(tmp_path, lengths=[8, 40, 48], repeats=3, seed=1))
     assert third.model.calls == [8, 40, 48]
+    # ... and the seed-0 run that follows must not pick up the seed-1 results either
+    fourth = _oracle(tmp_path, "window_forward", resume=True)
+    _run(tmp_path, fourth, _data(tmp_path, lengths=[8, 40], repeats=3))
+    assert fourth.model.calls == [8, 40]
+    assert _by_length(fourth)[8] == _by_length(first)[8]
+
+
+def test_an_interrupted_run_resumes_from_its_partial_json(tmp_path: Path) -> None:
+    killed = _oracle(tmp_path, "oom_forward", on_error="raise")
+    with pytest.raises(RuntimeError, match="L=24"):
+        _run(tmp_path, killed, _data(tmp_path, lengths=[8, 16, 24], repeats=3))
+    resumed = _oracle(tmp_path, "oom_forward", resume=True)
+    _run(tmp_path, resumed, _data(tmp_path, lengths=[8, 16, 20], repeats=3))
+    assert resumed.model.calls == [20]
+    summary = json.loads((tmp_path / "out" / "oracle.summary.json").read_text())
+    assert summary["status"] == "complete" and summary["lengths"] == [8, 16, 20]
+    with pytest.raises(ValueError, match="resume=true needs a fixed model.init_args.output_dir"):
+        model = ForgettingCurve(model=f"{HERE}.oracle", model_source="project", forward_fn=f"{HERE}.window_forward",
+                                resume=True)
+        _run(tmp_path, model, _data(tmp_path, lengths=[8], repeats=3))
+
+
+def oracle_ctx50() -> torch.nn.Module:
+    model = _Oracle()
+    model.config = SimpleNamespace(max_position_embeddings=50)
+    return model
+
+
+def test_a_failure_past_the_position_limit_says_so(tmp_path: Path) -> None:
+    model = ForgettingCurve(model=f"{HERE}.oracle_ctx50", model_source="project", forward_fn=f"{HERE}.oom_forward",
+                            output_dir=str(tmp_path / "out"))
+    _run(tmp_path, model, _data(tmp_path, lengths=[16, 24], repeats=3))
+    assert _by_length(model)[24]["error"].endswith("(input T=51 > max_position_embeddings=50)")
+    assert _by_length(model)[16]["status"] == "ok"
+
+
+def test_a_tokenizer_that_is_not_the_models_is_rejected(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lit_models.hf import load_causal_lm, load_tokenizer
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(["a small corpus of words for a tiny tokenizer"] * 5,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    own = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model_dir = tmp_path / "model"
+    load_causal_lm("llama-tiny", config_overrides={"vocab_size": 64, "num_hidden_layers": 1}).save_pretrained(model_dir)
+    own.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="is not the tokenizer of model.init_args.model"):
+        ForgettingCurve(model=str(model_dir), tokenizer=load_tokenizer("smollm2-135m"))
+    ForgettingCurve(model=str(model_dir), tokenizer=load_tokenizer(str(model_dir)))  # its own: accepted
 
 
 def test_llama_fast_path_equals_full_logits_and_batching(tmp_path: Path) -> None:
