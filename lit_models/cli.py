@@ -78,6 +78,18 @@ class LitlabCLI(LightningCLI):
             help="fit only: run test on the final (averaged) weights and print the metrics and checkpoint path",
         )
 
+    def instantiate_classes(self) -> None:
+        """Instantiate model, data and trainer; a constructor's error (``model.init_args.alpha must be ...``) is
+        re-raised on its own instead of inside jsonargparse's "Does not validate against any of the Union subtypes"
+        report, which prints the whole config namespace twice and buries the message."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            reason = union_error_reason(str(err))
+            if reason is None:
+                raise
+            raise ValueError(reason) from None
+
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model config with a checkpoint's hyper-parameters; keep the current values of the
         model's ``EVAL_TIME_HPARAMS`` (decoding settings, output files) so ``test --model.init_args.beam_size 5``
@@ -178,6 +190,22 @@ class LitlabCLI(LightningCLI):
         if ckpt is not None and ckpt.last_model_path:
             lines.append(f"last checkpoint: {ckpt.last_model_path}")
         rank_zero_info("\n".join(["", "=" * 60, *lines, "=" * 60]))
+
+
+def union_error_reason(message: str) -> str | None:
+    """The constructor errors inside a jsonargparse union report (the ``Errors:`` bullets other than the
+    ``Expected a <class 'NoneType'>`` alternative), joined; None when ``message`` is not such a report."""
+    if "Does not validate against any of the Union subtypes" not in message or "\nErrors:\n" not in message:
+        return None
+    body = message.split("\nErrors:\n", 1)[1].split("\nGiven value type:", 1)[0]
+    bullets: list[list[str]] = []
+    for line in body.splitlines():
+        if line.startswith("  - "):
+            bullets.append([line[4:]])
+        elif bullets:
+            bullets[-1].append(line.strip())
+    reasons = [" ".join(b).strip() for b in bullets if not b[0].startswith("Expected a <class 'NoneType'>")]
+    return "\n".join(reasons) if reasons else None
 
 
 def main(args: Any = None) -> LitlabCLI:

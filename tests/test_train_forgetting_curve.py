@@ -50,3 +50,32 @@ def test_config_runs_through_train_py(config: Path, tmp_path: Path) -> None:
     if config.stem == "smollm2":
         by_length = {r["length"]: r for r in results}
         assert by_length[24]["copy_mean"] > by_length[24]["lm_mean"]
+
+
+def test_a_bad_model_argument_ends_with_its_own_message(tmp_path: Path) -> None:
+    """The constructor's message is the error raised, not a jsonargparse union report with the config dumped twice."""
+    config = ROOT / "configs" / "forgetting_curve" / "llama_tiny_random.yaml"
+    with pytest.raises(ValueError) as info:
+        main(["test", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+              "--model.init_args.alpha", "1.5"])
+    assert str(info.value) == "model.init_args.alpha must be in (0, 1), got 1.5"
+    with pytest.raises(ValueError) as info:
+        main(["test", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+              "--data.init_args.repeats", "1"])
+    assert "paired t-test needs >= 2" in str(info.value) and "Union" not in str(info.value)
+
+
+def test_ddp_on_two_cpu_processes_gives_the_single_process_curve(tmp_path: Path) -> None:
+    """Each rank scores every other batch; rank 0 gathers and writes the same JSON as one process does."""
+    config = ROOT / "configs" / "forgetting_curve" / "llama_tiny_random.yaml"
+    results = {}
+    for name, extra in (("single", []), ("ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                                 "--trainer.accelerator", "cpu"])):
+        run = tmp_path / name
+        main(["test", "--config", str(config), "--trainer.default_root_dir", str(run), "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--model.init_args.output_dir", str(run / "out"),
+              "--data.init_args.lengths", "[4, 8, 12, 16, 20]", "--data.init_args.batch_size", "1", *extra])
+        results[name] = json.loads((run / "out" / "llama_tiny_random.json").read_text())
+    strip = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in results["ddp"]] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in results["single"]]
