@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,16 +69,21 @@ def test_a_bad_model_argument_ends_with_its_own_message(tmp_path: Path) -> None:
 
 
 def test_ddp_on_two_cpu_processes_gives_the_single_process_curve(tmp_path: Path) -> None:
-    """Each rank scores every other batch; rank 0 gathers and writes the same JSON as one process does."""
+    """Each rank scores every other batch; rank 0 gathers and writes the same JSON as one process does. (DDP runs in
+    a subprocess of train.py: Lightning re-launches the running command for rank 1.)"""
     config = ROOT / "configs" / "forgetting_curve" / "llama_tiny_random.yaml"
     results = {}
     for name, extra in (("single", []), ("ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp",
                                                  "--trainer.accelerator", "cpu"])):
         run = tmp_path / name
-        main(["test", "--config", str(config), "--trainer.default_root_dir", str(run), "--trainer.logger", "false",
-              "--trainer.enable_progress_bar", "false", "--model.init_args.output_dir", str(run / "out"),
-              "--data.init_args.lengths", "[4, 8, 12, 16, 20]", "--data.init_args.batch_size", "1", *extra])
+        args = ["test", "--config", str(config), "--trainer.default_root_dir", str(run), "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--model.init_args.output_dir", str(run / "out"),
+                "--data.init_args.lengths", "[4, 8, 12, 16, 20]", "--data.init_args.batch_size", "1", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=False, cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads((run / "out" / "llama_tiny_random.json").read_text())
-    strip = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in strip} for r in results["ddp"]] == \
-        [{k: v for k, v in r.items() if k not in strip} for r in results["single"]]
+    assert [r["length"] for r in results["ddp"]] == [4, 8, 12, 16, 20]
+    for a, b in zip(results["ddp"], results["single"]):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
