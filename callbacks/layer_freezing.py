@@ -175,7 +175,8 @@ class LayerSelectiveFreezing(Callback):
                              f"{self.fraction_tolerance})")
         return self.stats
 
-    def _table(self, model: torch.nn.Module) -> str:
+    def table(self, model: torch.nn.Module) -> str:
+        """Trainable parameters per layer and module, and the totals (after :meth:`apply`)."""
         rows: dict[tuple[int, str], int] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
@@ -195,7 +196,7 @@ class LayerSelectiveFreezing(Callback):
             return
         model = _target(pl_module)
         self.apply(model)
-        rank_zero_info("[LayerSelectiveFreezing]\n" + self._table(model))
+        rank_zero_info("[LayerSelectiveFreezing]\n" + self.table(model))
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}

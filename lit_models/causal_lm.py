@@ -136,9 +136,15 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
         self._val_sums = torch.zeros(2, dtype=torch.float64)
 
     # ------------------------------------------------------------------------------------------------ model
+    def _weights_mode(self) -> str:
+        """How the wrapped weights train: ``full``, ``lora`` or ``qlora`` (a subclass maps its own modes onto these,
+        e.g. SLAM's ``slam`` is ``full`` with most weights frozen)."""
+        return self.hparams.mode
+
     def _build_model(self) -> torch.nn.Module:
         hp = self.hparams
-        quantization = "4bit" if hp.mode == "qlora" else None
+        mode = self._weights_mode()
+        quantization = "4bit" if mode == "qlora" else None
         if quantization is not None:
             _require_bitsandbytes("mode=qlora")
         model = load_causal_lm(
@@ -147,12 +153,12 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
         model.config.use_cache = False
         if hp.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hp.mode == "full":
+        if mode == "full":
             model.train()
             return model
         import peft
 
-        if hp.mode == "qlora":
+        if mode == "qlora":
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=hp.gradient_checkpointing)
         elif hp.gradient_checkpointing:
             model.enable_input_require_grads()
@@ -399,7 +405,7 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Adapter modes keep only trainable tensors in the checkpoint; the frozen base comes from ``model``."""
-        if self.hparams.mode == "full":
+        if self._weights_mode() == "full":
             return
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
