@@ -55,3 +55,38 @@ def test_full_and_lora_are_one_switch_away(mode: str, trainable: str | None, dat
 def test_layer_out_of_range_names_the_layer_count(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"layers \[5\] out of range: the model has 2 decoder layers"):
         main(["fit", *tiny_args(CONFIG, data_dir, tmp_path, "--model.init_args.layers", "[0, 5]")])
+
+
+def test_paper_config_runs_on_converted_metamath_and_mgsm(tmp_path: Path) -> None:
+    """metamath_mgsm.yaml on MetaMathQA-style and MGSM-TSV files converted by scripts/convert_math_data.py, shrunk
+    to llama-tiny on the CPU."""
+    import json
+
+    from scripts.convert_math_data import main as convert
+
+    metamath = [{"query": f"What is {a} plus {b}?", "response": f"{a} + {b} = {a + b}. The answer is: {a + b}"}
+                for a, b in ((2, 3), (4, 4), (7, 1), (5, 6))]
+    (tmp_path / "MetaMathQA.json").write_text(json.dumps(metamath), encoding="utf-8")
+    mgsm = tmp_path / "mgsm"
+    mgsm.mkdir()
+    (mgsm / "mgsm_en.tsv").write_text('Tom has 3 "red" apples and buys 2. How many?\t5\n', encoding="utf-8")
+    (mgsm / "mgsm_de.tsv").write_text("Tom hat 3 Äpfel und kauft 2. Wie viele?\t5\n", encoding="utf-8")
+    convert(["--format", "metamath", "--input", str(tmp_path / "MetaMathQA.json"), "--template", "alpaca",
+             "--out", str(tmp_path / "metamath.jsonl")])
+    convert(["--format", "mgsm_tsv", "--input", str(mgsm), "--template", "alpaca", "--out", str(tmp_path / "mgsm.jsonl")])
+    config = ROOT / "configs" / "slam" / "metamath_mgsm.yaml"
+    logger = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "logs"}}]
+    main(["fit", "--config", str(config),
+          "--model.init_args.model", "llama-tiny", "--model.init_args.dtype", "float32",
+          "--model.init_args.layers", "[0]", "--model.init_args.max_new_tokens", "4",
+          "--data.init_args.tokenizer", "llama-tiny", "--data.init_args.batch_size", "2",
+          "--data.init_args.train_files", json.dumps([str(tmp_path / "metamath.jsonl")]),
+          "--data.init_args.test_files", json.dumps([str(tmp_path / "mgsm.jsonl")]),
+          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+          "--trainer.precision", "32-true", "--trainer.max_epochs", "1", "--trainer.accumulate_grad_batches", "1",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.logger", json.dumps(logger), "--checkpoint.dirpath", str(tmp_path / "checkpoints")])
+    rows = read_metrics(tmp_path)
+    assert metric(rows, "trainable_params") == 2 * 64 * 128
+    assert 0.0 <= metric(rows, "test/acc_en") <= 1.0 and 0.0 <= metric(rows, "test/acc_de") <= 1.0
+    assert metric(rows, "test/acc_avg") == pytest.approx((metric(rows, "test/acc_en") + metric(rows, "test/acc_de")) / 2)
