@@ -379,21 +379,17 @@ def load_model(args: argparse.Namespace, mode: str, dtype: str) -> torch.nn.Modu
     return model
 
 
-def run_ours(args: argparse.Namespace, mode: str, batch: dict[str, torch.Tensor], device: torch.device, dtype: str,
-             tmp: str) -> dict[str, Any]:
+def fit_timed(module: Any, args: argparse.Namespace, batch: dict[str, torch.Tensor], device: torch.device,
+              tmp: str, callbacks: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """Train ``module`` (a LightningModule whose ``training_step`` returns the summed loss) for ``--warmup +
+    --steps`` updates on ``batch`` under ``lightning.Trainer`` as a real run would (no logger, checkpoints or
+    validation); returns the step timings (:class:`Stamps`), the memory figures (:class:`MemProbe`) and the
+    parameter counts of ``module.model``. Other benchmarks (``slam_vs_full``) time their modules through it."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from lit_models.causal_lm import CausalLMFineTune
-
     n = args.warmup + args.steps
     n_sup = int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
-    torch.manual_seed(args.seed)
-    module = CausalLMFineTune(
-        model=args.model, dtype=dtype, mode=mode, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"], lora_target_modules=LORA["target_modules"], lr=args.lr, warmup_ratio=0.0,
-        lr_schedule="constant",
-    )
     module.to(device)
     stamps = Stamps(device)
 
@@ -413,7 +409,7 @@ def run_ours(args: argparse.Namespace, mode: str, batch: dict[str, torch.Tensor]
         num_sanity_val_steps=0,
         limit_val_batches=0,
         gradient_clip_val=args.clip if args.clip > 0 else None,
-        callbacks=[_Stamp()],
+        callbacks=[_Stamp(), *callbacks],
         use_distributed_sampler=False,
         default_root_dir=tmp,
     )
@@ -425,6 +421,19 @@ def run_ours(args: argparse.Namespace, mode: str, batch: dict[str, torch.Tensor]
     total, trainable = _n_params(module.model)
     return {**stamps.result(args.warmup, args.steps, _ntokens(batch)), **mem, "params": total,
             "params_trainable": trainable}
+
+
+def run_ours(args: argparse.Namespace, mode: str, batch: dict[str, torch.Tensor], device: torch.device, dtype: str,
+             tmp: str) -> dict[str, Any]:
+    from lit_models.causal_lm import CausalLMFineTune
+
+    torch.manual_seed(args.seed)
+    module = CausalLMFineTune(
+        model=args.model, dtype=dtype, mode=mode, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"], lora_target_modules=LORA["target_modules"], lr=args.lr, warmup_ratio=0.0,
+        lr_schedule="constant",
+    )
+    return fit_timed(module, args, batch, device, tmp)
 
 
 def run_hf_trainer(args: argparse.Namespace, mode: str, batch: dict[str, torch.Tensor], device: torch.device,
@@ -567,26 +576,35 @@ def run_one(runner: str, mode: str, args: argparse.Namespace, batch: dict[str, t
     return {"device": str(device), "dtype": dtype, **result}
 
 
-def run_isolated(
-    runner: str, mode: str, argv: list[str], batch_file: Path, tmp: Path, malloc_mmap_threshold: int | None = None
-) -> dict[str, Any]:
-    """One runner in a fresh ``python`` subprocess (same arguments, the batch read from ``batch_file``).
+def spawn_worker(script: Path, argv: list[str], spec: dict[str, Any], spec_file: Path,
+                 malloc_mmap_threshold: int | None = None) -> dict[str, Any]:
+    """Run ``script`` with ``argv --worker spec_file`` in a fresh ``python`` (so allocator caches of an earlier run
+    cannot hide memory; glibc's ``MALLOC_MMAP_THRESHOLD_`` set when given); the worker writes its result as JSON next
+    to ``spec_file``, which is returned.
 
     Raises:
         RuntimeError: the subprocess failed (its stderr tail is in the message).
     """
-    spec = tmp / f"{runner}-{mode}.json"
-    spec.write_text(json.dumps({"runner": runner, "mode": mode, "batch_file": str(batch_file)}))
+    spec_file.write_text(json.dumps(spec))
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     if malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", str(spec)]
+    cmd = [sys.executable, str(script), *argv, "--worker", str(spec_file)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    out = spec.with_suffix(".out.json")
+    out = spec_file.with_suffix(".out.json")
     if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"{runner} ({mode}) failed with exit code {proc.returncode}:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{script.name} worker {spec} failed with exit code {proc.returncode}:\n"
+                           f"{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
+
+
+def run_isolated(
+    runner: str, mode: str, argv: list[str], batch_file: Path, tmp: Path, malloc_mmap_threshold: int | None = None
+) -> dict[str, Any]:
+    """One runner in a fresh subprocess (:func:`spawn_worker`), the batch read from ``batch_file``."""
+    spec = {"runner": runner, "mode": mode, "batch_file": str(batch_file)}
+    return spawn_worker(Path(__file__).resolve(), argv, spec, tmp / f"{runner}-{mode}.json", malloc_mmap_threshold)
 
 
 def worker_main(args: argparse.Namespace) -> None:

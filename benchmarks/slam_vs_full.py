@@ -86,7 +86,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,15 +102,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.sft_throughput import (
-    IGNORE_INDEX,
-    MemProbe,
-    Stamps,
-    build_batch,
-    make_loader,
-    quiet,
-    resolve_device,
-)
+from benchmarks.sft_throughput import build_batch, fit_timed, quiet, resolve_device, spawn_worker
 
 BENCH = "slam_vs_full"
 MODES = ("slam", "full", "lora", "slam_random")
@@ -322,67 +313,31 @@ def slam_kwargs(mode: str, args: argparse.Namespace, lora: dict[str, Any], seed:
 
 def run_speed_mode(mode: str, args: argparse.Namespace, batch: dict[str, torch.Tensor],
                    lora: dict[str, Any]) -> dict[str, Any]:
-    """Train ``SLAM(mode)`` for ``warmup + steps`` updates on ``batch`` under ``lightning.Trainer`` (as
-    sft_throughput's ``ours`` runner); returns timing, memory, parameter counts and optimizer-state bytes."""
-    import lightning as L
-
+    """Train ``SLAM(mode)`` for ``warmup + steps`` updates on ``batch`` with sft_throughput's timed Lightning fit
+    (:func:`~benchmarks.sft_throughput.fit_timed`); returns timing, memory, parameter counts and optimizer-state
+    bytes."""
     from lit_models.slam import SLAM
 
     device, dtype = resolve_device(args)
-    n = args.warmup + args.steps
-    n_sup = int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
-    ntokens = int(batch["attention_mask"].sum())
-    stamps = Stamps(device)
-
-    class _Stamp(Callback):
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, b: Any, batch_idx: int) -> None:
-            stamps.end(float(outputs["loss"]) / n_sup)  # training_step returns the summed loss
-
     recorder = OptimizerStateRecorder()
     with tempfile.TemporaryDirectory(prefix=f"{BENCH}_{mode}_") as tmp, contextlib.redirect_stdout(sys.stderr):
         torch.manual_seed(args.seed)
         module = SLAM(model=args.model, dtype=dtype, lr=args.lr, warmup_ratio=0.0, lr_schedule="constant",
                       eval_task="none", **slam_kwargs(mode, args, lora, args.seed))
-        module.to(device)
-        trainer = L.Trainer(
-            accelerator=device.type, devices=1, max_steps=n, max_epochs=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-            gradient_clip_val=args.clip if args.clip > 0 else None, callbacks=[_Stamp(), recorder],
-            use_distributed_sampler=False, default_root_dir=tmp,
-        )
-        probe = MemProbe(device)
-        probe.start()
-        trainer.fit(module, train_dataloaders=make_loader(batch, n))
-        mem = probe.stop()
-    del trainer, module
+        result = fit_timed(module, args, batch, device, tmp, callbacks=(recorder,))
+    del module
     if device.type == "cuda":
         torch.cuda.empty_cache()
     gc.collect()
-    return {"device": str(device), "dtype": dtype, **stamps.result(args.warmup, args.steps, ntokens), **mem,
-            **recorder.data}
+    return {"device": str(device), "dtype": dtype, **result, **recorder.data}
 
 
 def run_speed_isolated(mode: str, argv: list[str], batch_file: Path, lora: dict[str, Any], tmp: Path,
                        malloc_mmap_threshold: int | None = None) -> dict[str, Any]:
-    """One mode in a fresh ``python`` subprocess (same arguments, the batch from ``batch_file``; glibc's
-    ``MALLOC_MMAP_THRESHOLD_`` set when given).
-
-    Raises:
-        RuntimeError: the subprocess failed (its stderr tail is in the message).
-    """
-    spec = tmp / f"{mode}.json"
-    spec.write_text(json.dumps({"mode": mode, "batch_file": str(batch_file), "lora": lora}))
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", str(spec)]
-    env = {**os.environ, "PYTHONPATH": path}
-    if malloc_mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    out = spec.with_suffix(".out.json")
-    if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"{BENCH} speed run of {mode} failed with exit code {proc.returncode}:\n"
-                           f"{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    """One mode in a fresh subprocess (:func:`~benchmarks.sft_throughput.spawn_worker`), the batch from
+    ``batch_file``."""
+    spec = {"mode": mode, "batch_file": str(batch_file), "lora": lora}
+    return spawn_worker(Path(__file__).resolve(), argv, spec, tmp / f"{mode}.json", malloc_mmap_threshold)
 
 
 def worker_main(args: argparse.Namespace) -> None:
