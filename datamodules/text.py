@@ -74,6 +74,10 @@ _JSON_SUFFIXES = (".jsonl", ".json")
 _TEXT_SUFFIXES = (".txt", ".text", ".md")
 _NOT_TEXT = (".parquet", ".arrow", ".csv", ".gz", ".zst", ".npy", ".bin")
 _OFFLINE = ("austen", "essays", "bible")
+#: Version of the ``bpe:<V>`` tokenizer recipe (bump to retrain cached tokenizers).
+BPE_VERSION = 1
+_BPE_PREFIX = "bpe:"
+_BPE_EOS = "<|endoftext|>"
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 
 
@@ -391,7 +395,11 @@ class TextDataModule(LightningDataModule):
 
     Args:
         tokenizer: a :func:`lit_models.hf.load_tokenizer` name (``smollm2-135m``; tiny model names use the same
-            tokenizer), a local tokenizer directory, or a hub name in the local HF cache.
+            tokenizer), a local tokenizer directory, a hub name in the local HF cache, or ``bpe:<V>`` (e.g.
+            ``bpe:2048``): a byte-level BPE of ``V`` tokens (``<|endoftext|>`` = EOS = pad, id 0, no BOS) trained with
+            the ``tokenizers`` library on this DataModule's **training** documents and cached as
+            ``<cache_dir>/tokenizers/bpe<V>-<key>/`` (key: the sources, split rule and seed), so every run of a
+            scaling sweep shares one vocabulary and the validation text never shapes it.
         source: ``files``, ``austen``, ``essays``, ``bible`` or ``mixed`` (see above).
         train_files: training files, directories or glob patterns (``source="files"``).
         val_files: validation files; empty: hold out documents of the training set.
@@ -409,6 +417,8 @@ class TextDataModule(LightningDataModule):
         max_blocks: keep at most this many rows of every split (the first ones); None keeps all.
         max_train_tokens: train on exactly the first ``D`` tokens of the fixed-order training stream (``D //
             seq_len`` blocks; needs ``pack``); None uses all.
+        max_val_tokens: validate on the first ``max_val_tokens // seq_len`` validation rows (the same rows in every
+            run); None uses all (``max_blocks`` still applies).
         batch_size: rows per batch, per device.
         num_workers: DataLoader worker processes (``persistent_workers`` when > 0).
         seed: seed of the validation split, the training document order and the per-epoch block shuffle.
@@ -441,6 +451,7 @@ class TextDataModule(LightningDataModule):
         val_documents: list[str] = [],  # noqa: B006
         max_blocks: int | None = None,
         max_train_tokens: int | None = None,
+        max_val_tokens: int | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 0,
@@ -469,6 +480,10 @@ class TextDataModule(LightningDataModule):
                 raise ValueError(
                     f"data.init_args.max_train_tokens={max_train_tokens} is less than one block (seq_len={seq_len})"
                 )
+        if max_val_tokens is not None and max_val_tokens < seq_len:
+            raise ValueError(
+                f"data.init_args.max_val_tokens={max_val_tokens} is less than one block (seq_len={seq_len})"
+            )
         if source == "files":
             if hf_dataset is not None and train_files:
                 raise ValueError("set data.init_args.train_files or data.init_args.hf_dataset, not both")
@@ -503,13 +518,14 @@ class TextDataModule(LightningDataModule):
         self.val_documents = list(val_documents)
         self.max_blocks = max_blocks
         self.max_train_tokens = max_train_tokens
+        self.max_val_tokens = max_val_tokens
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir() / "text"
         self.bible_code = bible_code
 
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = self._load_tokenizer(tokenizer)
         specials = list(self.tokenizer("", add_special_tokens=True)["input_ids"])
         self._adds_eos = bool(specials) and specials[-1] == self.tokenizer.eos_token_id
         if self.add_eos_between_docs and self.tokenizer.eos_token_id is None:
@@ -543,6 +559,52 @@ class TextDataModule(LightningDataModule):
     def bos_id(self) -> int | None:
         """Beginning-of-sequence id (only in the stream if the tokenizer adds it itself)."""
         return self.tokenizer.bos_token_id
+
+    # ------------------------------------------------------------------ tokenizer
+    def _load_tokenizer(self, name: str) -> Any:
+        """A pretrained tokenizer by name, or the cached BPE of ``bpe:<V>`` (trained here on first use)."""
+        if not name.startswith(_BPE_PREFIX):
+            return load_tokenizer(name)
+        try:
+            vocab = int(name[len(_BPE_PREFIX):])
+        except ValueError:
+            raise ValueError(f"data.init_args.tokenizer={name!r}: write bpe:<vocabulary size>, e.g. bpe:2048") from None
+        if not 258 <= vocab <= 65536:
+            raise ValueError(f"data.init_args.tokenizer={name!r}: the BPE vocabulary must be in [258, 65536] (256 bytes, "
+                             "<|endoftext|> and at least one merge; uint16 token cache)")
+        inputs = {"version": BPE_VERSION, "vocab_size": vocab, **self._trainval_inputs()}
+        digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        root = self.cache_dir / "tokenizers"
+        target = root / f"bpe{vocab}-{digest}"
+        build_once(root, target.name, (target / "tokenizer.json").is_file,
+                   lambda: self._train_bpe(vocab, target, inputs))
+        return load_tokenizer(str(target))
+
+    def _train_bpe(self, vocab: int, target: Path, inputs: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        t0 = time.perf_counter()
+        docs = self._collect("trainval")[0]["train"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[_BPE_EOS], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=_BPE_EOS, pad_token=_BPE_EOS)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            fast.save_pretrained(str(tmp))
+            (tmp / "litlab_bpe.json").write_text(json.dumps(inputs, indent=1) + "\n", encoding="utf-8")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        _print0(f"[data] trained a byte-level BPE of {len(fast)} tokens on {len(docs)} training documents -> {target} "
+                f"({time.perf_counter() - t0:.1f}s)")
 
     # ------------------------------------------------------------------ sources
     def _offline_fingerprint(self) -> list[Any]:
@@ -631,15 +693,7 @@ class TextDataModule(LightningDataModule):
             "doc_split": self.doc_split,
         }
         if group == "trainval":
-            if self.hf_dataset is not None:
-                inputs["sources"] = self._hf_fingerprint()
-            elif self.source == "files":
-                inputs["sources"] = fingerprint_files(expand_paths(self.train_files, "train_files"))
-            else:
-                inputs["sources"] = self._offline_fingerprint()
-            inputs["val_files"] = fingerprint_files(expand_paths(self.val_files, "val_files"))
-            inputs["split_rule"] = {"seed": self.seed, "val_fraction": self.val_fraction,
-                                    "val_documents": self.val_documents}
+            inputs.update(self._trainval_inputs())
         else:
             inputs["sources"] = (
                 self._hf_fingerprint() if self.hf_dataset is not None
@@ -649,6 +703,20 @@ class TextDataModule(LightningDataModule):
         return f"{group}-{digest}", inputs
 
     # ------------------------------------------------------------------ splitting and tokenizing
+    def _trainval_inputs(self) -> dict[str, Any]:
+        """What the training and validation documents depend on (sources, validation files, split rule)."""
+        if self.hf_dataset is not None:
+            sources = self._hf_fingerprint()
+        elif self.source == "files":
+            sources = fingerprint_files(expand_paths(self.train_files, "train_files"))
+        else:
+            sources = self._offline_fingerprint()
+        return {
+            "sources": sources,
+            "val_files": fingerprint_files(expand_paths(self.val_files, "val_files")),
+            "split_rule": {"seed": self.seed, "val_fraction": self.val_fraction, "val_documents": self.val_documents},
+        }
+
     def _rank(self, doc: Document) -> str:
         return hashlib.sha256(f"{self.seed}:{doc.id}".encode()).hexdigest()
 
@@ -856,6 +924,8 @@ class TextDataModule(LightningDataModule):
             n = usable // T
             if self.max_blocks is not None:
                 n = min(n, self.max_blocks)
+            if split == "validation" and self.max_val_tokens is not None:
+                n = min(n, self.max_val_tokens // T)
             if n == 0:
                 raise ValueError(
                     f"the {split} split has {int(tokens.size)} tokens, fewer than one block of seq_len={T}; lower "
@@ -869,6 +939,8 @@ class TextDataModule(LightningDataModule):
             n = len(offsets) - 1
             if self.max_blocks is not None:
                 n = min(n, self.max_blocks)
+            if split == "validation" and self.max_val_tokens is not None:
+                n = min(n, max(1, self.max_val_tokens // T))
             lengths = np.minimum(np.diff(offsets[: n + 1]), T).astype(np.int64)
             rows = np.full((n, T), self.pad_id, dtype=tokens.dtype)
             for i in range(n):
