@@ -107,3 +107,26 @@ def test_bad_data_settings_are_clear_errors(cache_dir: Path, tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"seq_len=4096 exceeds model.init_args.max_position_embeddings=2048"):
         main(["fit", *tiny_args(config, cache_dir, tmp_path, "--data.init_args.seq_len", "4096",
                                 "--data.init_args.max_train_tokens", "8192", "--data.init_args.max_val_tokens", "4096")])
+
+
+def test_sweep_smoke_run_trains_two_real_points(cache_dir: Path, tmp_path: Path) -> None:
+    """Spec test 10's smoke run: the launcher runs 2 real train.py fits (3 steps, 2,048-token data) and writes 2 CSV
+    rows with status ok and the counts of the summaries."""
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "scripts" / "scaling_sweep.py"), "--grid", str(ROOT / "configs/scaling/sweep_demo.yaml"),
+           "--out", str(out), "--max-runs", "2", "--wandb", "disabled", "--",
+           "--trainer.max_steps=3", "--data.init_args.max_train_tokens=2048", "--data.init_args.max_val_tokens=1024",
+           f"--data.init_args.cache_dir={cache_dir}", "--trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    for row in rows:
+        assert int(row["steps"]) == 3 and int(row["tokens"]) == 3 * 16 * 128
+        assert int(row["flops_6nd"]) == 6 * int(row["n_active_nonemb"]) * int(row["tokens"])
+        assert 6.0 < float(row["final_val_loss"]) < 8.0
