@@ -3,7 +3,8 @@
 The issue's benchmark (spec ``shared/methods/moe_scaling.md``): "tokens/s of the MoE model vs the dense model with
 equal active parameters (goal at least 0.8x), and peak memory of each". For every size ``d x L`` of ``--sizes``:
 
-- ``dense``: :class:`lit_models.scaling_lm.ScalingLM` ``ffn=dense`` (Llama, SwiGLU f = ceil(8/3 d) to 16);
+- ``dense``: :class:`lit_models.scaling_lm.ScalingLM` ``ffn=dense`` (Llama, SwiGLU f = ceil(8/3 d) to 16, max(4, d/64)
+  heads);
 - ``moe``: ``ffn=moe``, 8 Mixtral experts, top-2, each of width f // 2 (active-matched: N_active = N_dense + L·d·E,
   the router), once per transformers expert kernel in ``--experts-impls`` (``grouped_mm``, transformers' default;
   ``batched_mm``; ``eager``, a loop over the experts that receive tokens).
@@ -107,7 +108,7 @@ def run_model(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     moe = spec["ffn"] == "moe"
     module = ScalingLM(ffn=spec["ffn"], d_model=spec["d_model"], n_layers=spec["n_layers"],
-                       n_heads=max(1, spec["d_model"] // 64) if spec["d_model"] >= 64 else 4,
+                       n_heads=max(4, spec["d_model"] // 64),  # 4 heads, or head size 64 from d 256 up
                        num_experts=args.num_experts, top_k=args.top_k,
                        experts_implementation=spec.get("experts_impl") if moe else None, tokenizer=dm.tokenizer,
                        warmup_ratio=0.0, summary_file=None)
@@ -117,11 +118,7 @@ def run_model(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             stamps.end(float(outputs["loss"]))
 
-    class _NoSummary(Callback):  # the benchmark writes no run_summary.json
-        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-            pass
-
-    module._write_summary = lambda: None  # type: ignore[method-assign]
+    module._write_summary = lambda: None  # type: ignore[method-assign]  # no run_summary.json from a benchmark
     with tempfile.TemporaryDirectory(prefix=f"{BENCH}_") as tmp:
         trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=n, max_epochs=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
