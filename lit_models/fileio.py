@@ -19,6 +19,12 @@ from filelock import FileLock
 __all__ = ["atomic_write", "build_once"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[IO[bytes]], object]) -> Path:
     """Write ``content`` to ``path`` atomically; parent directories are created.
 
@@ -34,6 +40,7 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[IO[by
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the mode open() would
         with os.fdopen(fd, "wb") as fh:
             if isinstance(content, str):
                 fh.write(content.encode("utf-8"))
