@@ -564,6 +564,8 @@ class InstructionDataModule(LightningDataModule):
         data_format: ``auto`` (from each file's first record), ``prompt_response`` or ``messages``.
         demo: ``mgsm_symbolic`` (11-language GSM8K problems, :func:`~datamodules.demo.mgsm_symbolic.build_mgsm_sft`)
             or ``bible_translation`` (:func:`~datamodules.demo.bible_instructions.build_bible_translation_instructions`)
+            or ``bible_multiref`` (German verses with two English answers, WEB and KJV:
+            :func:`~datamodules.demo.bible_multiref.build_bible_multiref`)
             builds the demo into ``<data_dir>/<demo>``; empty split lists then default to its files.
         demo_kwargs: keyword arguments of the demo builder (e.g. ``{"languages": ["en", "de"]}`` or
             ``{"max_train": 2000, "max_eval": 100}``).
@@ -593,7 +595,7 @@ class InstructionDataModule(LightningDataModule):
         test_files: list[str] = [],  # noqa: B006
         predict_files: list[str] = [],  # noqa: B006
         data_format: Literal["auto", "prompt_response", "messages"] = "auto",
-        demo: Literal["none", "mgsm_symbolic", "bible_translation"] = "none",
+        demo: Literal["none", "mgsm_symbolic", "bible_translation", "bible_multiref"] = "none",
         demo_kwargs: dict[str, Any] = {},  # noqa: B006
         data_dir: str = "data/instruction",
         use_chat_template: bool = True,
@@ -612,7 +614,7 @@ class InstructionDataModule(LightningDataModule):
         self.save_hyperparameters()
         for name, value, allowed in (
             ("data_format", data_format, ("auto", "prompt_response", "messages")),
-            ("demo", demo, ("none", "mgsm_symbolic", "bible_translation")),
+            ("demo", demo, ("none", "mgsm_symbolic", "bible_translation", "bible_multiref")),
             ("overflow", overflow, ("drop", "truncate")),
             ("batching", batching, ("length_grouped", "packed", "random")),
         ):
@@ -707,6 +709,8 @@ class InstructionDataModule(LightningDataModule):
         assert self.demo_dir is not None
         if self.demo == "mgsm_symbolic":
             from datamodules.demo.mgsm_symbolic import build_mgsm_sft as builder
+        elif self.demo == "bible_multiref":
+            from datamodules.demo.bible_multiref import build_bible_multiref as builder
         else:
             from datamodules.demo.bible_instructions import build_bible_translation_instructions as builder
         kwargs = {"verbose": rank_zero_only.rank == 0, **self.demo_kwargs}
@@ -1006,6 +1010,7 @@ class InstructionDataModule(LightningDataModule):
             even_shards=True,
         )
         self._resume_batch = 0
+        dataset, collate = self._with_targets("train", dataset, collate)
         kwargs = self._loader_kwargs(collate)
         if self.trainer is not None:
             return ResumableDataLoader(dataset, batch_sampler=sampler, progress=trainer_progress(self.trainer), **kwargs)
@@ -1017,7 +1022,13 @@ class InstructionDataModule(LightningDataModule):
         sampler = InstructionBatchSampler(
             dataset.lengths, self.eval_batch_size, mode=mode, num_replicas=replicas, rank=rank, even_shards=False
         )
+        dataset, collate = self._with_targets(split, dataset, collate)
         return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs(collate))
+
+    def _with_targets(self, split: str, dataset: Dataset, collate: Any) -> tuple[Dataset, Any]:
+        """Hook for subclasses that add per-example training targets to batches (NDP's count rows): the dataset
+        and collate function of ``split``'s loader. The sampler (and so the batch order) never changes."""
+        return dataset, collate
 
     def val_dataloader(self) -> DataLoader | list:
         """Teacher-forced padded batches of the validation split, longest first; ``[]`` when no ``val_files``."""
