@@ -183,8 +183,9 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
         """Logits [B, T, V] of the wrapped model."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
-    def _loss_sum(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
-        """Summed next-token cross-entropy over supervised positions (labels != -100), in float32, and their count.
+    def _supervised_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Logits ``[P, V]`` at the ``P`` prediction positions (``labels[:, 1:] != -100``, row-major order) and their
+        next-token targets ``[P]``.
 
         Only the supervised positions go through the (large-vocabulary) output layer: the decoder's hidden states
         [B, T, d] are gathered at those positions first (9-17% faster steps on SmolLM2 at ~50% supervised tokens).
@@ -196,7 +197,6 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
             kwargs["position_ids"] = batch["position_ids"]
         labels = batch["labels"][:, 1:]
         mask = labels.ne(-100)
-        ntokens = int(mask.sum())
         decoder, head = self._decoder_and_head()
         if decoder is not None:
             hidden = decoder(
@@ -205,8 +205,12 @@ class CausalLMFineTune(TokenSumLoss, L.LightningModule):
             logits = head(hidden[:, :-1][mask])
         else:
             logits = self(batch["input_ids"], batch.get("attention_mask"), **kwargs)[:, :-1][mask]
-        loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
-        return loss, ntokens
+        return logits, labels[mask]
+
+    def _loss_sum(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Summed next-token cross-entropy over supervised positions (labels != -100), in float32, and their count."""
+        logits, targets = self._supervised_logits(batch)
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
 
     def _decoder_and_head(self) -> tuple[Any, Any]:
         """(decoder, output layer) of the wrapped model when its logits are ``head(last_hidden_state)``, else Nones."""
