@@ -125,14 +125,18 @@ class NextDistributionLM(CausalLMFineTune):
         logits, targets = self._supervised_logits(batch)
         logits = logits.float()
         n_pos = targets.numel()
-        ntp_vec = F.cross_entropy(logits, targets, reduction="none")
-        out: dict[str, Tensor] = {"loss_ntp": ntp_vec.detach().sum(), "n": torch.tensor(float(n_pos))}
+        out: dict[str, Tensor] = {"n": torch.tensor(float(n_pos))}
         if hp.target == "ntp":
+            ntp_vec = F.cross_entropy(logits, targets, reduction="none")
+            out["loss_ntp"] = ntp_vec.detach().sum()
             if hp.label_smoothing > 0:
                 out["loss"] = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=hp.label_smoothing)
             else:
                 out["loss"] = ntp_vec.sum()
             return out
+        # One log-softmax serves the one-hot loss (logged) and the soft targets' loss(es).
+        logp = F.log_softmax(logits, dim=-1)
+        out["loss_ntp"] = -logp.detach().gather(1, targets[:, None]).sum()
         missing = [k for k in COUNT_KEYS if k not in batch]
         if missing:
             raise RuntimeError("NDP targets missing: run scripts/build_ndp_tables.py or set target: ntp "
@@ -148,11 +152,12 @@ class NextDistributionLM(CausalLMFineTune):
             w_clm = count_weights(batch["clm_ptr"], batch["clm_cnt"], hp.x_max_clm)
         mixed = mix_rows(sup, clm, r)
         if hp.mix_mode == "target":
-            loss_vec = sparse_soft_cross_entropy(logits, mixed)
+            loss_vec = sparse_soft_cross_entropy(logits, mixed, log_probs=logp)
             if w_sup is not None:
                 loss_vec = loss_vec * (w_sup + w_clm)
         else:
-            l_sup, l_clm = sparse_soft_cross_entropy(logits, sup), sparse_soft_cross_entropy(logits, clm)
+            l_sup = sparse_soft_cross_entropy(logits, sup, log_probs=logp)
+            l_clm = sparse_soft_cross_entropy(logits, clm, log_probs=logp)
             if w_sup is not None:
                 l_sup, l_clm = l_sup * w_sup, l_clm * w_clm
             loss_vec = mix_losses(l_sup, l_clm, r)  # mixed in float64: equal inputs stay bit-identical

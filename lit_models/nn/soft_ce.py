@@ -24,12 +24,14 @@ from lit_models.nn.count_targets import SparseRows
 __all__ = ["dense_soft_cross_entropy", "mix_losses", "sparse_soft_cross_entropy"]
 
 
-def sparse_soft_cross_entropy(logits: Tensor, rows: SparseRows) -> Tensor:
+def sparse_soft_cross_entropy(logits: Tensor, rows: SparseRows, *, log_probs: Tensor | None = None) -> Tensor:
     """Per-position cross-entropy of ``logits`` against sparse target rows (see module docstring).
 
     Args:
         logits: ``[R, V]`` logits at the prediction positions (any float dtype; cast to float32). Gradients flow to it.
         rows: :class:`SparseRows` with ``R`` rows and token ids in ``[0, V)``.
+        log_probs: ``F.log_softmax(logits.float(), -1)`` when the caller already has it (reused instead of a second
+            ``[R, V]`` pass, e.g. for the one-hot loss or a second table); must come from ``logits``.
 
     Returns:
         float32 ``[R]`` losses ``l_i = KL(P_i || q_i) + H(P_i)``; reduce with ``.mean()`` (the spec's token mean).
@@ -41,7 +43,7 @@ def sparse_soft_cross_entropy(logits: Tensor, rows: SparseRows) -> Tensor:
         raise ValueError(f"logits must be [R, V], got shape {tuple(logits.shape)}")
     if logits.shape[0] != rows.num_rows:
         raise ValueError(f"logits have {logits.shape[0]} rows but the targets have {rows.num_rows}")
-    logp = F.log_softmax(logits.float(), dim=-1)  # [R, V]
+    logp = F.log_softmax(logits.float(), dim=-1) if log_probs is None else log_probs  # [R, V]
     row = rows.row_index()
     u = rows.u.to(device=logp.device, dtype=torch.float32)
     coef = rows.prob.to(device=logp.device, dtype=torch.float32) - u[row]  # [M]
