@@ -83,7 +83,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch
 import yaml
 
-from benchmarks.sft_throughput import quiet
+from benchmarks.sft_throughput import quiet, strict_json
 
 BENCH = "ndp_multiref"
 NDP_CONFIG = ROOT / "configs" / "ndp" / "translation_demo.yaml"
@@ -342,23 +342,13 @@ def run_one(args: argparse.Namespace, arm: str, seed: int, run_dir: Path, items:
         "test_sacrebleu": metrics["test/sacrebleu"][0], "test_chrf": metrics["test/chrf"][0],
         **coverage, "coverage_positions": len(items), "wall_s": wall,
     }
-    (run_dir / "result.json").write_text(json.dumps(_strict_json(result), indent=1) + "\n", encoding="utf-8")
+    (run_dir / "result.json").write_text(json.dumps(strict_json(result), indent=1) + "\n", encoding="utf-8")
     return result
 
 
 # ---------------------------------------------------------------------------------------------------- report
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def _strict_json(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
 
 
 def figure_lines(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], table_stats: dict[str, Any],
@@ -479,7 +469,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     print(f"[{BENCH}] {arm:9} seed {seed}: val/loss_ntp {res['val_loss_ntp']:.4f}, sacrebleu "
                           f"{res['test_sacrebleu']:.2f}, chrf {res['test_chrf']:.2f}, coverage {res['coverage']:.4f}, "
                           f"entropy {res['entropy']:.3f} ({res['wall_s']:.1f} s)", file=sys.stderr, flush=True)
-            lines = [_strict_json(line) for line in figure_lines(args, results, table_stats, counts)]
+            lines = [strict_json(line) for line in figure_lines(args, results, table_stats, counts)]
             print(report(args, results, table_stats, counts, lines), file=sys.stderr, flush=True)
             if args.out:
                 (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines),

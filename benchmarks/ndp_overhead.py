@@ -84,7 +84,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -104,7 +103,7 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.sft_throughput import MemProbe, Stamps, quiet, spawn_worker
+from benchmarks.sft_throughput import MemProbe, Stamps, quiet, spawn_worker, strict_json
 
 BENCH = "ndp_overhead"
 CONFIG = ROOT / "configs" / "ndp" / "translation_demo.yaml"
@@ -617,16 +616,6 @@ def worker_main(args: argparse.Namespace) -> None:
     spec_path.with_suffix(".out.json").write_text(json.dumps(result))
 
 
-def _strict_json(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; prints JSON lines (stdout) and tables (stderr). Returns the lines as dicts."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -645,7 +634,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             lines += run_build(args, argv)
     finally:
         torch.set_num_threads(old_threads)
-    lines = [_strict_json(line) for line in lines]
+    lines = [strict_json(line) for line in lines]
     for line in lines:
         print(json.dumps(line), flush=True)
     return lines

@@ -82,6 +82,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -546,6 +547,18 @@ RUN = {"ours": run_ours, "hf_trainer": run_hf_trainer, "bare_pytorch": run_bare}
 
 def _ntokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN or Infinity); the benchmarks'
+    JSON lines go through it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def quiet() -> None:

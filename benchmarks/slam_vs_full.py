@@ -102,7 +102,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.sft_throughput import build_batch, fit_timed, quiet, resolve_device, spawn_worker
+from benchmarks.sft_throughput import build_batch, fit_timed, quiet, resolve_device, spawn_worker, strict_json
 
 BENCH = "slam_vs_full"
 MODES = ("slam", "full", "lora", "slam_random")
@@ -254,17 +254,6 @@ def resolve_lora(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     r = max(1, round(slam / per_rank))
     return {"lora_r": r, "lora_alpha": 2 * r, "lora_params_per_rank": per_rank, "slam_trainable": slam}
-
-
-def _strict_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN or Infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -613,7 +602,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             lines += run_accuracy(args, lora)
     finally:
         torch.set_num_threads(old_threads)
-    lines = [_strict_json(line) for line in lines]  # a missing val/loss is null, not NaN
+    lines = [strict_json(line) for line in lines]  # a missing val/loss is null, not NaN
     for line in lines:
         print(json.dumps(line), flush=True)
     return lines
