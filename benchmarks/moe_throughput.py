@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # Build the BPE tokenizer and token cache once, before the workers need them.
     from datamodules.text import TextDataModule
 
-    TextDataModule(tokenizer="bpe:2048", source="mixed", seq_len=args.seq_len).prepare_data()
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON lines only
+        TextDataModule(tokenizer="bpe:2048", source="mixed", seq_len=args.seq_len).prepare_data()
     lines: list[dict[str, Any]] = []
     common = {"benchmark": BENCH, "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
               "threads": args.threads, "num_experts": args.num_experts, "top_k": args.top_k}

@@ -104,6 +104,13 @@ class NextDistributionLM(CausalLMFineTune):
         super().__init__(model=model, tokenizer=tokenizer, **kwargs)
         self._val_ndp = torch.zeros(3, dtype=torch.float64)
 
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_target = getattr(dm, "target", None)
+        if stage == "fit" and self.hparams.target == "ndp" and data_target not in (None, "ndp"):
+            raise ValueError(f"model.init_args.target=ndp but data.init_args.target={data_target}: the batches would "
+                             "carry no count rows; set both to ndp (or both to ntp for the one-hot baseline)")
+
     # ------------------------------------------------------------------------------------------------ targets
     def _rows(self, batch: dict[str, Any], table: str, n_pos: int, vocab: int) -> tuple[SparseRows, int]:
         ptr = batch[f"{table}_ptr"]

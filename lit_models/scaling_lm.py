@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torchmetrics import SumMetric
 
@@ -172,8 +172,26 @@ class ScalingLM(LightningModule):
             raise ValueError(f"data.init_args.seq_len={seq_len} exceeds model.init_args.max_position_embeddings="
                              f"{self.hparams.max_position_embeddings}")
 
+    def _unique_train_tokens(self) -> int | None:
+        """Tokens in the training rows (``rows x seq_len``) of a TextDataModule-like DataModule, else None."""
+        dm = getattr(self.trainer, "datamodule", None)
+        try:
+            return len(dm.dataset("train")) * int(dm.seq_len)
+        except (AttributeError, TypeError, ValueError):
+            return None
+
     def on_fit_start(self) -> None:
         self._fit_t0 = time.perf_counter()
+        unique, max_steps, dm = self._unique_train_tokens(), self.trainer.max_steps, self.trainer.datamodule
+        if unique and max_steps and max_steps > 0 and getattr(dm, "batch_size", None):
+            planned = (max_steps * dm.batch_size * int(dm.seq_len) * self.trainer.world_size
+                       * self.trainer.accumulate_grad_batches)
+            if planned > unique:
+                rank_zero_warn(
+                    f"[scaling] trainer.max_steps={max_steps} reads {planned:,} training tokens but the training set "
+                    f"holds {unique:,}: the data repeats {planned / unique:.2f} times, while a scaling-law point "
+                    "assumes one pass over D unique tokens (max_steps = ceil(D / (batch_size x seq_len)))"
+                )
         metrics = {f"params/{k}": float(v) for k, v in self.counts.items() if k != "n_total"}
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.global_step)
@@ -321,6 +339,7 @@ class ScalingLM(LightningModule):
         batch_size = getattr(dm, "batch_size", None)
         per_token = self.flops(seq_len) if seq_len else {"flops_6n": math.nan, "flops_kaplan": math.nan}
         world = self.trainer.world_size if self._trainer is not None else 1
+        unique = self._unique_train_tokens() if self._trainer is not None else None
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return {
             "status": "ok" if self._last_val_step == self.global_step else "no_final_validation",
@@ -333,6 +352,8 @@ class ScalingLM(LightningModule):
             "n_heads": hp.n_heads,
             **{k: v for k, v in self.counts.items() if k != "n_total"},
             "tokens_seen": self.tokens_seen,
+            "unique_train_tokens": unique,
+            "passes": round(self.tokens_seen / unique, 4) if unique else None,
             "seq_len": seq_len,
             "batch_size": batch_size,
             "batch_tokens": batch_size * seq_len * world * accumulate if batch_size and seq_len else None,

@@ -65,7 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--x", choices=["loss", "compute"], default="loss", help="regressor of the hparam laws")
     parser.add_argument("--opt-rule", choices=["parabola", "argmin"], default="parabola",
                         help="per-group optimum over the batch/lr grid")
-    parser.add_argument("--out", type=Path, default=Path("fits.json"), help="JSON file with every fitted quantity")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file with every fitted quantity (default: fits.json, or hparams.json with "
+                             "--hparam-law, next to the CSV)")
     parser.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG figures here")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     args = parser.parse_args(argv)
@@ -74,6 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.csv is not None and args.csv_opt is not None and args.csv != args.csv_opt:
         parser.error(f"two different CSVs given: {args.csv} and --csv {args.csv_opt}")
     args.csv = args.csv or args.csv_opt
+    if args.out is None:
+        args.out = Path(args.csv).parent / ("hparams.json" if args.hparam_law else "fits.json")
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
     return args

@@ -526,3 +526,15 @@ def test_launcher_background_then_collect(tmp_path: Path, capsys: pytest.Capture
     assert SWEEP.main([*base, "--python", str(fake), "--resume", "--launcher", 'sh -c "{cmd}"']) == 0
     assert SWEEP.main([*base, "--collect", "--csv", str(tmp_path / "all.csv")]) == 0
     assert [r["status"] for r in _read_csv(tmp_path / "all.csv")] == ["ok"] * 4
+
+
+GRID_FILES = [c for c in sorted((ROOT / "configs").rglob("*.yaml")) if "families" in (yaml.safe_load(c.read_text()) or {})]
+
+
+@pytest.mark.parametrize("grid_file", GRID_FILES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_grid_plans_runs_of_existing_train_configs(grid_file: Path, tmp_path: Path) -> None:
+    grid = SWEEP.load_grid(grid_file)
+    runs = SWEEP.plan_runs(grid, tmp_path)
+    assert runs and len({r.run_id for r in runs}) == len(runs)
+    for family in grid.families.values():
+        assert family.path.is_file() and family.get("model.class_path") == "lit_models.scaling_lm.ScalingLM"

@@ -117,8 +117,15 @@ def test_script_tables_are_used_and_mismatches_are_errors(data_dir: Path, tmp_pa
 
 def test_ndp_model_on_plain_batches_says_how_to_get_targets(data_dir: Path, tmp_path: Path) -> None:
     config = ROOT / "configs" / "ndp" / "translation_demo.yaml"
-    with pytest.raises(RuntimeError, match="NDP targets missing: run scripts/build_ndp_tables.py or set target: ntp"):
+    with pytest.raises(ValueError, match="model.init_args.target=ndp but data.init_args.target=ntp"):
         main(["fit", *tiny_args(config, data_dir, tmp_path, "--data.init_args.target", "ntp", steps=1)])
+    # batches from a DataModule that knows nothing of NDP: the step says what is missing
+    from lit_models.ndp import NextDistributionLM
+
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[-100, -100, 6, 7, 2]])}
+    with pytest.raises(RuntimeError, match="NDP targets missing: run scripts/build_ndp_tables.py or set target: ntp"):
+        NextDistributionLM(model="llama-tiny")._losses(batch)
 
 
 def test_bad_settings_name_the_key() -> None:

@@ -56,6 +56,7 @@ def test_config_trains_two_steps_and_writes_its_summary(config: Path, cache_dir:
     assert summary["n_embedding"] == 2048 * 64
     assert summary["tokens_seen"] == 2 * 4 * 32 and summary["batch_tokens"] == 4 * 32
     assert summary["flops_6nd"] == 6 * summary["n_active_nonemb"] * summary["tokens_seen"]
+    assert summary["unique_train_tokens"] == 32 * 4 * 8 and summary["passes"] == 0.25
     rows = read_metrics(tmp_path)
     # 16 validation rows of 32 tokens, 31 scored each; the loss of a barely trained model is near ln 2048 = 7.62
     assert metric(rows, "val/tokens") == 16 * 31
@@ -126,6 +127,8 @@ def test_sweep_smoke_run_trains_two_real_points(cache_dir: Path, tmp_path: Path)
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    log = (out / rows[0]["run_id"] / "train.log").read_text()
+    assert "the data repeats 3.00 times" in log  # 3 steps of 2,048 tokens over 2,048 unique tokens
     for row in rows:
         assert int(row["steps"]) == 3 and int(row["tokens"]) == 3 * 16 * 128
         assert int(row["flops_6nd"]) == 6 * int(row["n_active_nonemb"]) * int(row["tokens"])
