@@ -212,26 +212,18 @@ class NDPInstructionDataModule(InstructionDataModule):
 
     # ------------------------------------------------------------------ building and loading
     def _mono_docs(self) -> list[list[int]]:
-        docs: list[list[int]] = []
+        """Token ids (no special tokens) of every ``mono_files`` document: JSONL through ``mono_text_field``, plain
+        text split at blank lines (:func:`datamodules.text.read_documents`, whose errors name file and line)."""
+        from datamodules.text import read_documents
+
+        texts: list[str] = []
         for path in self.mono_files:
-            if path.suffix in (".jsonl", ".json"):
-                texts = []
-                with path.open(encoding="utf-8") as fh:
-                    for lineno, line in enumerate(fh, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError as err:
-                            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-                        if not isinstance(rec, dict) or not isinstance(rec.get(self.mono_text_field), str):
-                            raise ValueError(f"{path}:{lineno}: no string field {self.mono_text_field!r}")  # noqa: TRY004
-                        texts.append(rec[self.mono_text_field])
-            else:
-                texts = [t for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-            if texts:
-                docs += [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        return docs
+            if not path.is_file():
+                raise FileNotFoundError(f"data.init_args.mono_files: {path} does not exist")
+            texts += [d.text for d in read_documents(path, self.mono_text_field, "blank_line") if d.text.strip()]
+        if not texts:
+            return []
+        return [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def build_tables(self, split: str, out_dir: str | Path | None = None, progress: bool = True) -> Any:
         """Build the ``split`` table from the tokenised split and save it to ``out_dir`` (default

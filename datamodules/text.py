@@ -32,10 +32,7 @@ import glob
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batching import ResumableBatchSampler
 from datamodules.demo.long_text import Document
 from datamodules.resumable import ResumableDataLoader, shard_context, trainer_progress
-from lit_models.fileio import build_once
+from lit_models.fileio import atomic_dir, build_once
 from lit_models.hf import default_cache_dir, load_tokenizer, tokenizer_fingerprint
 
 __all__ = [
@@ -593,16 +590,12 @@ class TextDataModule(LightningDataModule):
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator((d.text for d in docs), trainer=trainer, length=len(docs))
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=_BPE_EOS, pad_token=_BPE_EOS)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             fast.save_pretrained(str(tmp))
             (tmp / "litlab_bpe.json").write_text(json.dumps(inputs, indent=1) + "\n", encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_dir(target, fill)
         _print0(f"[data] trained a byte-level BPE of {len(fast)} tokens on {len(docs)} training documents -> {target} "
                 f"({time.perf_counter() - t0:.1f}s)")
 
@@ -833,9 +826,9 @@ class TextDataModule(LightningDataModule):
     def _build(self, group: str, target: Path, inputs: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         splits, dropped = self._collect(group)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            meta: dict[str, Any] = {"key_inputs": inputs, "dropped_empty_documents": dropped, "splits": {}}
+        meta: dict[str, Any] = {"key_inputs": inputs, "dropped_empty_documents": dropped, "splits": {}}
+
+        def fill(tmp: Path) -> None:
             for split, docs in splits.items():
                 stream, offsets = self._tokenize(docs)
                 np.save(tmp / f"{split}.npy", stream)
@@ -845,12 +838,8 @@ class TextDataModule(LightningDataModule):
                     "documents": [{"id": d.id, "source": d.source, "title": d.title} for d in docs],
                 }
             (tmp / _META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_dir(target, fill)
         counts = ", ".join(f"{s} {len(m['documents'])} docs / {m['tokens']:,} tokens" for s, m in meta["splits"].items())
         _print0(f"[data] tokenized {group} ({counts}; {dropped} empty dropped) -> {target} "
                 f"({time.perf_counter() - t0:.1f}s)")

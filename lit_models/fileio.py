@@ -2,6 +2,8 @@
 
 - :func:`atomic_write`: a file is written to a temporary name in its directory, flushed to disk and moved into place
   with ``os.replace``, so a reader (another rank, a resumed run) sees the old file or the new one, never half of one.
+- :func:`atomic_dir`: a directory is filled under a temporary name beside it and renamed into place, so a reader
+  sees a complete directory or none (caches of tokenizers, token streams, converted models).
 - :func:`build_once`: build a cache entry under a ``FileLock`` unless it exists, so DDP ranks and parallel runs
   build it exactly once.
 """
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import IO
 
 from filelock import FileLock
 
-__all__ = ["atomic_write", "build_once"]
+__all__ = ["atomic_dir", "atomic_write", "build_once"]
 
 
 def _umask() -> int:
@@ -55,6 +58,27 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[IO[by
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_dir(target: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
+    """Call ``fill(tmp)`` on a fresh temporary directory beside ``target`` and rename it to ``target`` (an existing
+    ``target`` is replaced); on any error the temporary directory is removed and ``target`` is left as it was.
+
+    Returns:
+        ``target`` as a :class:`~pathlib.Path`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def build_once(cache_dir: Path, name: str, ready: Callable[[], bool], build: Callable[[], None],

@@ -25,14 +25,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from filelock import FileLock
+
+from lit_models.fileio import atomic_dir
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -137,16 +137,12 @@ def _write_atomically(target: Path, build: Any, manifest: dict[str, Any]) -> Non
     with FileLock(str(target) + ".lock"):
         if _manifest_matches(target, manifest):
             return
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             build(tmp)
             (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_dir(target, fill)
 
 
 def _manifest_matches(target: Path, manifest: dict[str, Any]) -> bool:

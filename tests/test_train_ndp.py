@@ -141,3 +141,26 @@ def test_bad_settings_name_the_key() -> None:
     with pytest.raises(ValueError, match=r"zero_prob must be in \[0, 1\), got 1.0"):
         NextDistributionLM(zero_prob=1.0, **kw)
     assert torch.is_tensor(NextDistributionLM(target="ntp", label_smoothing=0.1, **kw)._val_ndp)
+
+
+def test_mono_files_add_answer_only_counts(data_dir: Path, tmp_path: Path) -> None:
+    """A domain corpus (JSONL 'text' and blank-line-separated plain text) enters the CLM table only."""
+    from datamodules.ndp import NDPInstructionDataModule
+
+    (tmp_path / "mono.jsonl").write_text('{"text": "In the beginning God created the heaven and the earth."}\n',
+                                         encoding="utf-8")
+    (tmp_path / "mono.txt").write_text("And God said, Let there be light.\n\nAnd there was light.\n", encoding="utf-8")
+    common = {"tokenizer": "llama-tiny", "demo": "bible_multiref", "data_dir": str(data_dir / "translation_demo"),
+              "demo_kwargs": {"max_train": 24, "max_eval": 4}, "max_length": 256, "min_prefix": 1}
+    plain = NDPInstructionDataModule(**common, tables_dir=str(tmp_path / "plain"))
+    mono = NDPInstructionDataModule(**common, tables_dir=str(tmp_path / "mono"),
+                                    mono_files=[str(tmp_path / "mono.jsonl"), str(tmp_path / "mono.txt")])
+    for dm in (plain, mono):
+        dm.prepare_data()
+        dm.setup("fit")
+    a, b = plain.table_stats["train"], mono.table_stats["train"]
+    assert b["mono_docs"] == 3 and a["mono_docs"] == 0
+    assert b["sup_entries"] == a["sup_entries"] and b["clm_entries"] >= a["clm_entries"]
+    with pytest.raises(FileNotFoundError, match="mono_files: .*missing.jsonl does not exist"):
+        NDPInstructionDataModule(**common, tables_dir=str(tmp_path / "x"),
+                                 mono_files=[str(tmp_path / "missing.jsonl")]).setup("fit")
