@@ -12,7 +12,8 @@ Formats (``input_format``):
 - ``fairseq_tsv``: ``<root>/<split>.tsv`` (or ``<split>_st.tsv``) with columns ``id, audio, n_frames, tgt_text``
   (``speaker``, ``src_text`` optional; extra columns ignored); ``audio`` is ``path[:offset:n_samples]`` or
   ``fbank80.zip:byte_offset:byte_size`` pointing at an uncompressed ``.npy`` in the zip. Relative paths are
-  resolved against the TSV's directory. A zip entry has no waveform: the SSL view then comes from the sidecar
+  resolved against the TSV's directory. For wav entries ``n_frames`` is recomputed from the segment's samples (fairseq
+  writes samples there for raw-audio manifests, FBank frames for ``fbank80.zip``). A zip entry has no waveform: the SSL view then comes from the sidecar
   ``<split>.ssl.tsv`` (``id<TAB>unit ids``, discrete only) or from an already filled feature cache.
 - ``auto``: ``mustc`` when the ``data/<train_split>/txt`` directory exists, else ``fairseq_tsv``.
 
@@ -248,6 +249,8 @@ def read_fairseq_tsv(path: str | Path) -> list[Utterance]:
                     length = int(info.frames)
                 if offset + length > info.frames:
                     raise ValueError(f"{where}: {offset}+{length} samples exceed {audio} ({info.frames} samples)")
+                # wav entries: FBank frames follow from the segment (fairseq writes samples in n_frames for raw audio)
+                n_frames = fbank_num_frames(round(length * SAMPLE_RATE / sr) if sr else length)
             out.append(Utterance(row["id"], audio, offset, length, sr, n_frames, row["tgt_text"] or "",
                                  row.get("src_text") or "", row.get("speaker") or "", is_zip))
     return out

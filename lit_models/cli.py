@@ -12,7 +12,8 @@
   A fresh ``fit`` refuses a checkpoint directory that already holds checkpoints (another run's files would be
   averaged or resumed); with ``test_after_fit`` the test split is loaded before training, so a missing file fails early.
 - With ``ckpt_path``, Lightning takes the model's hyper-parameters from the checkpoint; a model's
-  ``EVAL_TIME_HPARAMS`` (decoding settings, output files) keep their values from the command line and config.
+  ``EVAL_TIME_HPARAMS`` (decoding settings, output files) keep their values from the command line and config; other
+  settings that differ are listed on stderr, and a model's ``CKPT_IDENTITY_HPARAMS`` that differ are an error.
 - W&B runs offline unless ``WANDB_MODE`` is set (e.g. ``WANDB_MODE=online`` after ``wandb login``).
 """
 
@@ -111,12 +112,39 @@ class LitlabCLI(LightningCLI):
         model_cls = getattr(importlib.import_module(module_name), cls_name)
         for key in getattr(model_cls, "EVAL_TIME_HPARAMS", ()):
             hparams.pop(key, None)
+        self._compare_ckpt_hparams(ckpt_path, model_cls, hparams, self.config[subcommand].model)
         update = {subcommand: {"model": {"class_path": class_path, "init_args": hparams}}}
         try:
             self.config = self.parser.parse_object(update, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing the hyper-parameters stored in {ckpt_path} failed\n")
             raise
+
+    @staticmethod
+    def _compare_ckpt_hparams(ckpt_path: str, model_cls: type, hparams: dict[str, Any], model_cfg: Any) -> None:
+        """Say which configured model settings the checkpoint overrides (stderr), and refuse a model's
+        ``CKPT_IDENTITY_HPARAMS`` (e.g. the base LM that early-exit gates were trained on) when they differ.
+
+        Raises:
+            ValueError: a ``CKPT_IDENTITY_HPARAMS`` key whose configured value differs from the checkpoint's.
+        """
+        init_args = model_cfg.get("init_args") if model_cfg is not None else None
+        if init_args is None:
+            return
+        current = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+        differing = {k: (current[k], v) for k, v in hparams.items() if k in current and k != "tokenizer"
+                     and _plain(current[k]) != _plain(v)}
+        identity = [k for k in getattr(model_cls, "CKPT_IDENTITY_HPARAMS", ()) if k in differing]
+        if identity:
+            detail = "; ".join(f"{k}: checkpoint {differing[k][1]!r}, config {differing[k][0]!r}" for k in identity)
+            raise ValueError(
+                f"checkpoint {ckpt_path} was trained for another setting of model.init_args ({detail}); "
+                f"use the checkpoint's values (e.g. --model.init_args.{identity[0]} {differing[identity[0]][1]!r}) "
+                "or train for this one"
+            )
+        if differing:
+            shown = ", ".join(f"{k}={v[1]!r} (config: {v[0]!r})" for k, v in sorted(differing.items()))
+            sys.stderr.write(f"[litlab] {ckpt_path}: the checkpoint's hyper-parameters replace the config's: {shown}\n")
 
     # -------------------------------------------------------------- resume checks
     def _check_ckpt_path(self, subcommand: str) -> None:
@@ -211,3 +239,14 @@ def union_error_reason(message: str) -> str | None:
 def main(args: Any = None) -> LitlabCLI:
     """Entry point of ``train.py``. ``args``: a list of CLI arguments or a dict (tests); None reads ``sys.argv``."""
     return LitlabCLI(args=args)
+
+
+def _plain(value: Any) -> Any:
+    """A comparable plain value: jsonargparse Namespaces as dicts, tuples as lists."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

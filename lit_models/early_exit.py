@@ -146,6 +146,8 @@ class EarlyExitLM(CausalLMFineTune):
 
     EVAL_TIME_HPARAMS = ("gate", "gate_threshold", "min_exit_layer", "saturation_k", "kv_mode", "eval_decode_prompts",
                          "eval_max_new_tokens", "decode_prompt_tokens", "max_new_tokens", "threshold_sweep")
+    # gates belong to the LM they were trained on: a checkpoint for another base model is refused by train.py
+    CKPT_IDENTITY_HPARAMS = ("model", "model_config_overrides", "sublayer_exits", "gate_features", "gate_hidden")
 
     def __init__(
         self,
@@ -402,6 +404,8 @@ class EarlyExitLM(CausalLMFineTune):
         if self.runner.sublayer:  # the oracle among whole-layer exits only
             full = oracle_exit(preds[1::2], "stable")
             self._add("hist_layer", torch.bincount(full, minlength=self.runner.n_layers))
+            self._add("hist_first_layer", torch.bincount(oracle_exit(preds[1::2], "first"),
+                                                         minlength=self.runner.n_layers))
             self._add("hist_cat_layer", torch.bincount(cats * self.runner.n_layers + full,
                                                        minlength=n_cat * self.runner.n_layers))
         if hp.mode == "gate":
@@ -493,7 +497,9 @@ class EarlyExitLM(CausalLMFineTune):
             rep["oracle/mean_exit_sublayer"] = mean(hist)
             rep["hist_layer"] = s["hist_layer"].tolist()
             layer_hist, cat_hist, cunits = s["hist_layer"], s["hist_cat_layer"].view(-1, L), lunits
-            rep["oracle/mean_exit_first"] = mean(s["hist_first"])
+            rep["hist_first_layer"] = s["hist_first_layer"].tolist()
+            rep["oracle/mean_exit_first"] = mean(s["hist_first_layer"], lunits)
+            rep["oracle/mean_exit_first_sublayer"] = mean(s["hist_first"])
         else:
             layer_hist, cat_hist, cunits = hist, s["hist_cat"], units
             rep["oracle/mean_exit_first"] = mean(s["hist_first"])

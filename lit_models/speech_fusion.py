@@ -398,8 +398,9 @@ class SpeechFusionST(TokenSumLoss, Seq2SeqEvaluation, L.LightningModule):
         elif self.hparams.ssl_type != getattr(dm.hparams, "ssl_type", None):
             raise ValueError(f"model.init_args.ssl_type={self.hparams.ssl_type} but data.init_args.ssl_type="
                              f"{dm.hparams.ssl_type}")
-        elif dm.num_units > self.hparams.num_units:
-            raise ValueError(f"model.init_args.num_units={self.hparams.num_units} < the k-means units {dm.num_units}")
+        elif dm.num_units != self.hparams.num_units:
+            raise ValueError(f"model.init_args.num_units={self.hparams.num_units} but the k-means file has "
+                             f"{dm.num_units} units; set num_units: {dm.num_units}")
 
     # ------------------------------------------------------------------ evaluation
     def _eval_losses(self, batch: dict[str, Any], prefix: str) -> None:

@@ -58,7 +58,10 @@ def test_analysis_config_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert rep["agreement_with_final"][-1] == 1.0
     assert sum(v["count"] for v in rep["by_category"].values()) == rep["n_tokens"]
     assert metric(rows, "val/oracle/mean_exit") == pytest.approx(rep["oracle/mean_exit"])
-    assert metric(rows, "val/oracle/mean_exit_first") <= metric(rows, "val/oracle/mean_exit_sublayer") + 1e-9
+    # first match <= stable oracle, among whole layers and among the half-layer exit points alike
+    assert sum(rep["hist_first_layer"]) == rep["n_tokens"]
+    assert metric(rows, "val/oracle/mean_exit_first") <= metric(rows, "val/oracle/mean_exit") + 1e-9
+    assert metric(rows, "val/oracle/mean_exit_first_sublayer") <= metric(rows, "val/oracle/mean_exit_sublayer") + 1e-9
     assert 0.5 <= metric(rows, "val/oracle/mean_exit_sublayer") <= 4.0
     png = _log_dir(tmp_path) / "early_exit_val.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,6 +100,14 @@ def test_gate_config_fits_and_checkpoint_predicts(tmp_path: Path) -> None:
     assert summary["ee/avg_exit_layer"] == 4.0 and summary["ee/token_agreement"] == 1.0
     assert summary["ee/prefix_match"] == 1.0 and all(r["output_ee"] == r["output_full"] for r in records)
     assert all(r["exits"] == [4.0] * 5 for r in records)
+
+    # gates belong to their base model: a checkpoint for another model (here 4 vs 3 layers) is refused by train.py,
+    # naming the setting, instead of silently decoding with the checkpoint's model
+    other = {**TINY, "num_hidden_layers": 3}
+    args = tiny_args("decode_demo.yaml", tmp_path / "other", "--model.init_args.max_new_tokens", "2")
+    args[args.index("--model.init_args.model_config_overrides") + 1] = json.dumps(other)
+    with pytest.raises(ValueError, match="model_config_overrides: checkpoint"):
+        main(["predict", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
 
 
 def test_speed_benchmark_quick_run(tmp_path: Path) -> None:

@@ -200,3 +200,10 @@ def test_ctc_on_the_acoustic_encoder(assets: dict[str, Path], tmp_path: Path) ->
         del batch["src_tokens"]
         with pytest.raises(ValueError, match="set data.init_args.source_vocab_size"):
             model.ctc_loss(batch, enc)
+
+
+def test_unit_count_must_match_the_kmeans_file(assets: dict[str, Path], tmp_path: Path) -> None:
+    """A model with more (or fewer) unit embeddings than the k-means file has units is a config error."""
+    config = ROOT / "configs/speech_fusion/mustc_en_de.yaml"
+    with pytest.raises(ValueError, match="num_units=16 but the k-means file has 8 units"):
+        main(["fit", *tiny_args(config, assets, tmp_path, "--model.init_args.num_units", "16")])

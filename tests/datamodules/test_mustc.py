@@ -113,6 +113,13 @@ def test_fairseq_manifest_round_trip(tree: Path, tmp_path: Path) -> None:
     a, b = dm_a.dataset("validation"), dm_b.dataset("validation")
     assert [u.id for u in a.utts] == [u.id for u in b.utts] and a.targets == b.targets
     assert torch.equal(a[1]["fbank"], b[1]["fbank"])
+    # fairseq writes samples in n_frames for raw-audio manifests: wav entries get their FBank frames from the segment
+    lines = tsv.read_text().splitlines()
+    as_samples = [lines[0]] + ["\t".join(f if i != 2 else str(u.length) for i, f in enumerate(line.split("\t")))
+                               for line, u in zip(lines[1:], utts, strict=True)]
+    (tmp_path / "samples_st.tsv").write_text("\n".join(as_samples) + "\n")
+    assert [u.n_frames for u in read_fairseq_tsv(tmp_path / "samples_st.tsv")] == [
+        1 + (u.length - 400) // 160 for u in utts]
 
 
 def test_zip_fbank_entries(tree: Path, tmp_path: Path) -> None:
