@@ -464,6 +464,9 @@ class PreferenceDataModule(LightningDataModule):
             return records
         kept = [r for r in records if r.get("user") == self.user]
         if not kept:
+            if all(r.get("user") is None for r in records):
+                raise ValueError(f"data.init_args.user={self.user!r} but {path} has no 'user' field: set "
+                                 "--data.init_args.user null to use every row")
             present = sorted({str(r.get("user")) for r in records})
             raise ValueError(f"data.init_args.user={self.user!r} matches no row of {path}; users present: {present}")
         return kept

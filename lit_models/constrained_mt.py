@@ -501,4 +501,9 @@ class ConstrainedTranslation(L.LightningModule):
             lines.append(f"  round {k}: " + ", ".join(parts))
         if sigs:
             lines.append(f"  {sigs.get('sacrebleu')}; {sigs.get('chrf')}")
+        if metrics.get("failed_calls"):
+            calls = sum(metrics.get(f"llm_calls_r{k}", 0.0) for k in range(K + 1))
+            first = next((e["error"] for r in records for e in r["rounds"] if e["error"] is not None), "")
+            lines.append(f"  WARNING: {metrics['failed_calls']:.0f} of {calls:.0f} LLM calls failed after retries "
+                         f"({metrics.get('failed_items', 0):.0f} items keep no output); first error: {first}")
         rank_zero_info("\n".join(lines))

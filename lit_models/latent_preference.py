@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_models.causal_lm import CausalLMFineTune
@@ -510,8 +510,12 @@ class LatentPreferenceAlignment(CausalLMFineTune):
 
         trainer.save_checkpoint = timed_save  # an instance attribute, removed in on_train_end
         self._step_times, self._llm_calls = [], []
-        if self.stage == "latent_dpo":
-            self._counter = CallCounter(self._lm_blocks()).attach()
+        self._counter = CallCounter(self._lm_blocks()).attach()  # counted in every stage; an error in latent_dpo
+
+    def on_predict_start(self) -> None:
+        if self.stage == "latent_dpo" and self.trainer.ckpt_path is None:
+            rank_zero_warn("predict in stage latent_dpo without --ckpt_path: the prior is untrained, so every prompt "
+                           "gets the N(0, I) mean latent, not a user's; pass the user's latent_dpo checkpoint")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._counter is not None:
@@ -523,7 +527,7 @@ class LatentPreferenceAlignment(CausalLMFineTune):
         if self._counter is not None:
             calls = self._counter.count
             self._llm_calls.append(calls)
-            if calls:
+            if calls and self.stage == "latent_dpo":
                 raise RuntimeError(f"latent_dpo: the LLM ran {calls} block forward(s) in training step {batch_idx}; "
                                    "the per-user stage must not call it")
             self.log("time/llm_block_calls_per_step", float(calls), on_step=True, on_epoch=False, batch_size=1)
@@ -544,7 +548,8 @@ class LatentPreferenceAlignment(CausalLMFineTune):
             "time/seconds_validation": self._val_s,
             "time/seconds_checkpointing": self._ckpt_s,
         }
-        rank_zero_info(f"[latent_preference] stage {self.stage}: {total:.2f} s for this user "
+        what = "the one-time stage" if self.stage == "clap" else "this user"
+        rank_zero_info(f"[latent_preference] stage {self.stage}: {total:.2f} s for {what} "
                        f"({len(self._step_times)} steps, median {self.user_time['time/seconds_per_step']:.4f} s)")
         for logger in self.loggers:
             logger.log_metrics(self.user_time, step=self.global_step)

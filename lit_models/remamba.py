@@ -123,9 +123,15 @@ class ReMamba(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         check_ratios(compress_ratio, keep_ratio, start_ratio)
+        if start_ratio + compress_ratio >= 1.0:  # the last prompt token (the query) must stay uncompressed
+            raise ValueError(f"model.init_args.start_ratio + compress_ratio must be < 1 (the last prompt token stays "
+                             f"uncompressed); got {start_ratio} + {compress_ratio}")
         for key, rng in (("train_p_range", train_p_range), ("train_rho_range", train_rho_range)):
             if len(rng) != 2 or not 0.0 < rng[0] <= rng[1] <= 1.0:
                 raise ValueError(f"model.init_args.{key} must be [lo, hi] with 0 < lo <= hi <= 1; got {list(rng)}")
+        if train_p_range[1] >= 1.0:
+            raise ValueError(f"model.init_args.train_p_range: hi must be < 1 (the last prompt token stays "
+                             f"uncompressed); got {list(train_p_range)}")
         if kernel == "cuda":  # fail at construction, not at the first test sample
             from lit_models.nn.remamba import _scan_impl
 

@@ -56,6 +56,7 @@ def test_clap_config_fits(clap_run: Path) -> None:
     k = 4
     assert metric(rows, "train/clap/rec_nll") > 0 and metric(rows, "val/clap/rec_nll") > 0
     assert 0 <= metric(rows, "train/clap/contrastive_acc") <= 1 and 0 <= metric(rows, "train/clap/active_units") <= 32
+    assert metric(rows, "time/llm_block_calls_per_step") > 0  # CLaP runs the frozen LM (counted, not an error)
     # a 2-step CLaP on a random LM has barely moved: the contrastive loss is still near log K
     assert abs(metric(rows, "val/clap/contrastive") - __import__("math").log(k)) < 0.5
     import torch

@@ -305,15 +305,15 @@ def _build_records(db: Path, index_path: Path, dict_path: Path, args: dict[str, 
         records.append({"id": f"bible-{b}-{c}-{v}", "source": source, "reference": reference, "constraints": cons,
                         "book": b, "chapter": c, "verse": v})
     with_terms = len(records)
-    if args["max_items"] is not None and len(records) > args["max_items"]:
-        keep = sorted(random.Random(args["seed"]).sample(range(len(records)), args["max_items"]))
-        records = [records[i] for i in keep]
-    if len(records) < _MIN_ITEMS:
+    if with_terms < _MIN_ITEMS:  # a broken dictionary or book choice (a small max_items is fine)
         raise RuntimeError(
             f"the bible_freedict build yields only {len(records)} items from {len(verses)} verses of books "
             f"{args['books']} (need >= {_MIN_ITEMS}): add books (data.init_args.demo_books) or lower "
             "data.init_args.min_term_chars"
         )
+    if args["max_items"] is not None and len(records) > args["max_items"]:
+        keep = sorted(random.Random(args["seed"]).sample(range(len(records)), args["max_items"]))
+        records = [records[i] for i in keep]
     stats = {"n_verses": len(verses), "verses_with_terms": with_terms, "n_items": len(records),
              "n_constraints": sum(len(r["constraints"]) for r in records), "n_lexicon_headwords": len(lexicon)}
     return records, stats

@@ -80,6 +80,11 @@ def test_ratios_outside_0_1_are_rejected(key: str, kwargs: dict[str, float]) -> 
 def test_span_may_not_swallow_the_query_token() -> None:
     with pytest.raises(ValueError, match="covers the last prompt token"):
         span_sizes(10, 1.0, 0.5)
+    # ... and settings that always would are refused at construction, naming the keys
+    with pytest.raises(ValueError, match="start_ratio \\+ compress_ratio must be < 1"):
+        tiny_remamba(compress_ratio=0.3, start_ratio=0.8)
+    with pytest.raises(ValueError, match="train_p_range: hi must be < 1"):
+        tiny_remamba(train_p_range=(0.5, 1.0))
 
 
 # ============================================================================================ selection
