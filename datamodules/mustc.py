@@ -522,6 +522,9 @@ class MuSTCDataModule(LightningDataModule):
             raise ValueError("cmvn=global needs gcmvn_path (an .npz with mean and std)")
         if "ssl" in views and ssl_type == "discrete" and not kmeans_path:
             raise ValueError("ssl_type=discrete needs kmeans_path (fit it with scripts/fit_ssl_kmeans.py)")
+        if "ssl" in views and ssl_type == "discrete" and not Path(kmeans_path).is_file():
+            raise FileNotFoundError(f"data.init_args.kmeans_path {kmeans_path} does not exist (fit it with "
+                                    "scripts/fit_ssl_kmeans.py)")
         if not 1 <= min_frames <= max_frames:
             raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
         if demo not in (None, "bible_tts"):

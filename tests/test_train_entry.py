@@ -30,3 +30,13 @@ def test_traceback_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITLAB_TRACEBACK", "1")
     with pytest.raises(ValueError, match="translate_template"):
         train.run()
+
+
+def test_fit_of_an_inference_only_method_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit", "--config", str(ROOT / "configs/constrained_mt/demo.yaml"),
+                                      "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    monkeypatch.delenv("LITLAB_TRACEBACK", raising=False)
+    assert train.run() == 2
+    err = capsys.readouterr().err
+    assert "error: ConstrainedTranslation is inference-only" in err and "Traceback" not in err
