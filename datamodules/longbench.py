@@ -48,6 +48,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.demo.longbench_qa import DEMO_MAXLEN, DEMO_PROMPTS, NEEDLE_TASK, VERSE_TASK, build_longbench_qa
+from datamodules.jsonl import iter_jsonl
 from lit_models.hf import load_tokenizer
 from lit_models.nn.longbench_metrics import length_bucket
 
@@ -153,28 +154,19 @@ def read_longbench_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"LongBench file not found: {path}")
     samples = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
-            for key in _REQUIRED:
-                if key not in obj:
-                    raise ValueError(f"{path}:{lineno}: missing field {key!r} (LongBench needs {', '.join(_REQUIRED)})")
-            answers = obj["answers"]
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"{path}:{lineno}: field 'answers' must be a list of strings; got {answers!r:.80}")
-            if not isinstance(obj["length"], int | float) or isinstance(obj["length"], bool):
-                raise ValueError(f"{path}:{lineno}: field 'length' must be a number; got {obj['length']!r:.40}")  # noqa: TRY004
-            classes = obj.get("all_classes")
-            if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-                raise ValueError(f"{path}:{lineno}: field 'all_classes' must be null or a list of strings")
-            samples.append(obj)
+    for lineno, _, obj in iter_jsonl(path):
+        for key in _REQUIRED:
+            if key not in obj:
+                raise ValueError(f"{path}:{lineno}: missing field {key!r} (LongBench needs {', '.join(_REQUIRED)})")
+        answers = obj["answers"]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{path}:{lineno}: field 'answers' must be a list of strings; got {answers!r:.80}")
+        if not isinstance(obj["length"], int | float) or isinstance(obj["length"], bool):
+            raise ValueError(f"{path}:{lineno}: field 'length' must be a number; got {obj['length']!r:.40}")  # noqa: TRY004
+        classes = obj.get("all_classes")
+        if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"{path}:{lineno}: field 'all_classes' must be null or a list of strings")
+        samples.append(obj)
     return samples
 
 
@@ -434,15 +426,11 @@ class LongBenchDataModule(LightningDataModule):
             path = Path(name).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"data.init_args.train_files: {path} not found")
-            with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    obj = json.loads(line)
-                    for key in ("prompt", "response"):
-                        if not isinstance(obj.get(key), str):
-                            raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a string")  # noqa: TRY004
-                    items.append(self.train_item(obj["prompt"], obj["response"], lineno, str(path)))
+            for lineno, _, obj in iter_jsonl(path):
+                for key in ("prompt", "response"):
+                    if not isinstance(obj.get(key), str):
+                        raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a string")  # noqa: TRY004
+                items.append(self.train_item(obj["prompt"], obj["response"], lineno, str(path)))
         return items
 
     def setup(self, stage: str | None = None) -> None:

@@ -56,6 +56,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.instruction import END_OF_TURN_TOKENS, IGNORE_INDEX, read_instruction_file
+from datamodules.jsonl import iter_jsonl
 
 __all__ = ["PreferenceDataModule", "collate_generation_prompts", "collate_one2many", "collate_pairs",
            "read_preference_file"]
@@ -95,16 +96,7 @@ def read_preference_file(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"preference file not found: {path}")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"line {lineno} of {path}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004
+    for lineno, where, obj in iter_jsonl(path, lambda p, n: f"line {n} of {p}"):
         for field in ("prompt", "chosen", "rejected"):
             if field not in obj:
                 raise ValueError(f"{where}: missing field {field!r}")

@@ -43,6 +43,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.demo.terminology import build_bible_terminology, synthetic_terminology
+from datamodules.jsonl import iter_jsonl
 from lit_models.nn.constraint_checker import ConstraintChecker, normalize, term_spans
 
 __all__ = ["TerminologyDataModule", "collate_items", "read_glossary", "read_jsonl", "read_wmt21_sgm", "read_wmt23"]
@@ -91,26 +92,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"terminology file not found: {path}")
     items = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = _where(path, lineno)
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")  # noqa: TRY004
-            if not isinstance(rec.get("source"), str) or not rec["source"].strip():
-                raise ValueError(f"{where}: the record has no non-empty string 'source'")
-            ref = rec.get("reference", rec.get("target"))
-            if ref is not None and not isinstance(ref, str):
-                raise ValueError(f"{where}: 'reference' must be a string, got {type(ref).__name__}")
-            item = {k: v for k, v in rec.items() if k != "target"}
-            item.update(id=str(rec.get("id", f"{path.stem}-{lineno}")), source=rec["source"], reference=ref,
-                        constraints=_constraints(rec.get("constraints", []), where), line=lineno)
-            items.append(item)
+    for lineno, where, rec in iter_jsonl(path, _where):
+        if not isinstance(rec.get("source"), str) or not rec["source"].strip():
+            raise ValueError(f"{where}: the record has no non-empty string 'source'")
+        ref = rec.get("reference", rec.get("target"))
+        if ref is not None and not isinstance(ref, str):
+            raise ValueError(f"{where}: 'reference' must be a string, got {type(ref).__name__}")
+        item = {k: v for k, v in rec.items() if k != "target"}
+        item.update(id=str(rec.get("id", f"{path.stem}-{lineno}")), source=rec["source"], reference=ref,
+                    constraints=_constraints(rec.get("constraints", []), where), line=lineno)
+        items.append(item)
     return items
 
 

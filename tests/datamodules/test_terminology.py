@@ -42,7 +42,7 @@ def test_jsonl_with_string_and_list_targets(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("line", "match"), [
-    ('{"source": "a", "constraints": [}', r"b\.jsonl:2: malformed JSON"),
+    ('{"source": "a", "constraints": [}', r"b\.jsonl:2: not valid JSON"),
     ('["not", "an", "object"]', r"b\.jsonl:2: expected a JSON object"),
     ('{"constraints": []}', r"b\.jsonl:2: the record has no non-empty string 'source'"),
     ('{"source": "a", "constraints": {"src": "a"}}', r"b\.jsonl:2: 'constraints' must be a list"),
